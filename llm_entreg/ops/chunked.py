@@ -1,0 +1,388 @@
+"""Chunked log-prob + entropy in plain torch: tiles over tokens x vocabulary, one online pass (CPU and GPU).
+
+Forward, per token chunk, per vocabulary chunk: form the logits tile (a slice of the given logits, or
+``hidden @ weight.T + bias`` for the fused LM head), fold it into running statistics with the shifted online
+update of DESIGN.md (max ``m``, ``S = sum exp(z - m)``, ``T' = sum exp(z - m) (z - m)``), and pick the target logit.
+Only ``(lse, H)`` per token is saved. Backward recomputes each tile and turns it into
+``dz = (1/T) [g_lp (1[i=y] - p) - g_H p (log p + H)]``; for the LM head the gradient GEMMs accumulate in fp32.
+
+Ignored positions are compacted away before any tile is formed, so they cost nothing. Guards against ``-inf``
+logits (masked vocabulary) are only switched on when the input can hold one (logits or bias with an ``-inf``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._common import TokenStats, gathered_params
+
+#: Default tile sizes. Tokens x vocabulary fp32 tile: 1024 x 8192 x 4 B = 32 MiB on the CPU.
+TOKEN_CHUNK = {"cpu": 1024, "cuda": 4096}
+VOCAB_CHUNK = {"cpu": 8192, "cuda": 32768}
+_NEG_CLAMP = -1.0e4  # log-probs below this have p == 0 in fp32; clamping them avoids 0 * -inf
+_NEG_BIG = -1.0e30  # stands in for -inf shifted logits in the forward (exp gives 0, and 0 * it gives 0)
+
+
+def _chunks(device: torch.device, token_chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    return token_chunk or TOKEN_CHUNK[kind], vocab_chunk or VOCAB_CHUNK[kind]
+
+
+class _Running:
+    """Online statistics of one token chunk (all fp32 vectors of length n)."""
+
+    def __init__(self, n: int, device: torch.device, extras: tuple[str, ...]):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.m = torch.full((n,), float("-inf"), **f32)
+        self.s = torch.zeros(n, **f32)
+        self.t = torch.zeros(n, **f32)  # shifted statistic T' = sum exp(z - m) (z - m)
+        self.target_z = torch.zeros(n, **f32)
+        self.z_sum = torch.zeros(n, **f32) if "mean_logits" in extras else None
+        self.q = torch.zeros(n, **f32) if "log_sum_sq_probs" in extras else None
+        if "is_top1" in extras:
+            self.best = torch.full((n,), float("-inf"), **f32)
+            self.best_idx = torch.zeros(n, device=device, dtype=torch.long)
+        else:
+            self.best = self.best_idx = None
+
+    def fold(self, z: torch.Tensor, local_targets: torch.Tensor, v0: int, guard: bool) -> None:
+        """Fold an fp32 tile ``z [n, v]`` (columns ``v0 .. v0+v``) into the statistics. ``z`` is overwritten."""
+        n, v = z.shape
+        in_tile = (local_targets >= 0) & (local_targets < v)
+        picked = z.gather(1, local_targets.clamp(0, v - 1).unsqueeze(1)).squeeze(1)
+        self.target_z = torch.where(in_tile, picked, self.target_z)
+        if self.z_sum is not None:
+            self.z_sum += z.sum(1)
+        blk_max, blk_arg = z.max(1)
+        if self.best is not None:
+            better = blk_max > self.best  # strict: the first maximum over the vocabulary wins ties
+            self.best = torch.where(better, blk_max, self.best)
+            self.best_idx = torch.where(better, blk_arg + v0, self.best_idx)
+        new_m = torch.maximum(self.m, blk_max)
+        # A row whose columns so far are all -inf keeps m = -inf; shift by 0 there so nothing becomes NaN.
+        shift = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))
+        old = torch.where(torch.isfinite(self.m), self.m - shift, torch.full_like(new_m, float("-inf")))
+        c = torch.exp(old)  # 0 where nothing was accumulated yet
+        old_finite = torch.where(torch.isfinite(old), old, torch.zeros_like(old))
+        z.sub_(shift.unsqueeze(1))  # z - m' (-inf stays -inf)
+        if guard:
+            z.clamp_(min=_NEG_BIG)
+        e = torch.exp(z)
+        blk_s = e.sum(1)
+        blk_t = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(n)  # one fused pass: sum_i e_i (z_i - m')
+        self.t = c * (self.t + old_finite * self.s) + blk_t
+        if self.q is not None:
+            self.q = c * c * self.q + torch.bmm(e.unsqueeze(1), e.unsqueeze(2)).view(n)
+        self.s = c * self.s + blk_s
+        self.m = new_m
+
+    def finish(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        log_s = torch.log(self.s)
+        lse = self.m + log_s
+        out = {"logprobs": self.target_z - lse, "entropy": log_s - self.t / self.s, "lse": lse}
+        if self.z_sum is not None:
+            out["z_sum"] = self.z_sum
+        if self.q is not None:
+            out["log_sum_sq_probs"] = torch.log(self.q) - 2 * log_s
+        if self.best is not None:
+            out["is_top1"] = self.best_idx == targets
+        return out
+
+
+def _forward(
+    n_rows: int,
+    n_vocab: int,
+    tile_fn: Callable[[int, int, int, int], torch.Tensor],
+    targets: torch.Tensor,
+    inv_t: float,
+    extras: tuple[str, ...],
+    guard: bool,
+    token_chunk: int,
+    vocab_chunk: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    parts: list[dict[str, torch.Tensor]] = []
+    for r0 in range(0, n_rows, token_chunk):
+        r1 = min(r0 + token_chunk, n_rows)
+        run = _Running(r1 - r0, device, extras)
+        tgt = targets[r0:r1]
+        for v0 in range(0, n_vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, n_vocab)
+            z = tile_fn(r0, r1, v0, v1).float()  # a fresh tile: safe to overwrite
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            run.fold(z, tgt - v0, v0, guard)
+        parts.append(run.finish(tgt))
+    if not parts:
+        empty = torch.zeros(0, device=device, dtype=torch.float32)
+        return {"logprobs": empty, "entropy": empty, "lse": empty, "z_sum": empty, "log_sum_sq_probs": empty,
+                "is_top1": torch.zeros(0, device=device, dtype=torch.bool)}
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _grad_tile(
+    z: torch.Tensor,
+    local_targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_h: torch.Tensor | None,
+    inv_t: float,
+    guard: bool,
+) -> torch.Tensor:
+    """``dL/d(raw logits)`` for an fp32 tile ``z = logits / T`` (overwritten)."""
+    n, v = z.shape
+    logp = z.sub_(lse.unsqueeze(1))
+    p = torch.exp(logp)
+    if g_h is not None:
+        if guard:
+            logp.clamp_(min=_NEG_CLAMP)
+        # dz = -p * (g_lp + g_H (log p + H)) + g_lp 1[i=y]
+        coef = logp.add_(entropy.unsqueeze(1)).mul_(g_h.unsqueeze(1))
+        if g_lp is not None:
+            coef.add_(g_lp.unsqueeze(1))
+        dz = coef.mul_(p).neg_()
+    else:
+        dz = p.mul_(-g_lp.unsqueeze(1))
+    if g_lp is not None:
+        in_tile = (local_targets >= 0) & (local_targets < v)
+        rows = torch.nonzero(in_tile).squeeze(1)
+        if rows.numel():
+            dz.index_put_((rows, local_targets[rows]), g_lp[rows], accumulate=True)
+    if inv_t != 1.0:
+        dz.mul_(inv_t)
+    return dz
+
+
+def _backward(
+    n_rows: int,
+    n_vocab: int,
+    tile_fn: Callable[[int, int, int, int], torch.Tensor],
+    consume: Callable[[torch.Tensor, int, int, int, int], None],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_h: torch.Tensor | None,
+    inv_t: float,
+    guard: bool,
+    token_chunk: int,
+    vocab_chunk: int,
+) -> None:
+    for r0 in range(0, n_rows, token_chunk):
+        r1 = min(r0 + token_chunk, n_rows)
+        for v0 in range(0, n_vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, n_vocab)
+            z = tile_fn(r0, r1, v0, v1).float()  # a fresh tile: safe to overwrite
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            dz = _grad_tile(
+                z,
+                targets[r0:r1] - v0,
+                lse[r0:r1],
+                entropy[r0:r1],
+                None if g_lp is None else g_lp[r0:r1],
+                None if g_h is None else g_h[r0:r1],
+                inv_t,
+                guard,
+            )
+            consume(dz, r0, r1, v0, v1)
+
+
+def _scatter_stats(out: dict[str, torch.Tensor], rows: torch.Tensor, n: int, extras, n_vocab: int, inv_t: float):
+    """Place the compacted per-row results back at their positions (zeros at ignored ones)."""
+    def place(x):
+        full = x.new_zeros(n)
+        return full.index_copy(0, rows, x) if rows.numel() else full
+
+    stats = {"logprobs": place(out["logprobs"]), "entropy": place(out["entropy"])}
+    if "mean_logits" in extras:
+        stats["mean_logits"] = place(out["z_sum"] / n_vocab)
+    if "is_top1" in extras:
+        stats["is_top1"] = place(out["is_top1"])
+    if "log_sum_sq_probs" in extras:
+        stats["log_sum_sq_probs"] = place(out["log_sum_sq_probs"])
+    return stats
+
+
+class _ChunkedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, extras, compute_dtype, tc, vc):
+        ctx.set_materialize_grads(False)
+        n = hidden.shape[0]
+        n_vocab = weight.shape[0]
+        device = hidden.device
+        rows = torch.nonzero(targets != ignore_index).squeeze(1)
+        h = hidden.index_select(0, rows).to(compute_dtype)
+        tgt = targets.index_select(0, rows).long()
+        inv_t = 1.0 / temperature
+        guard = bias is not None and bool(torch.isneginf(bias).any())
+        tc, vc = _chunks(device, tc, vc)
+        w = weight.to(compute_dtype) if weight.dtype != compute_dtype else weight
+        b = None if bias is None else bias.to(compute_dtype)
+
+        def tile(r0, r1, v0, v1):
+            if b is None:
+                return h[r0:r1] @ w[v0:v1].t()
+            return torch.addmm(b[v0:v1], h[r0:r1], w[v0:v1].t())
+
+        with torch.no_grad():
+            out = _forward(len(rows), n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, device)
+            stats = _scatter_stats(out, rows, n, extras, n_vocab, inv_t)
+        ctx.save_for_backward(hidden, weight, bias, rows, tgt, out["lse"], out["entropy"])
+        ctx.cfg = (inv_t, compute_dtype, guard, tc, vc)
+        extra_out = [stats[k] for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in stats]
+        ctx.mark_non_differentiable(*extra_out)
+        return (stats["logprobs"], stats["entropy"], *extra_out)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h, *_unused):
+        hidden, weight, bias, rows, tgt, lse, entropy = ctx.saved_tensors
+        inv_t, compute_dtype, guard, tc, vc = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or rows.numel() == 0:
+            none = (None,) * 7
+            zeros = tuple(
+                torch.zeros_like(x) if (x is not None and need) else None
+                for x, need in ((hidden, need_h), (weight, need_w), (bias, need_b))
+            )
+            return (*zeros, *none)
+        g_lp = None if g_lp is None else g_lp.float().index_select(0, rows)
+        g_h = None if g_h is None else g_h.float().index_select(0, rows)
+        with gathered_params(weight, bias):
+            n_vocab = weight.shape[0]
+            h = hidden.index_select(0, rows).to(compute_dtype)
+            w = weight.to(compute_dtype) if weight.dtype != compute_dtype else weight
+            b = None if bias is None else bias.to(compute_dtype)
+            f32 = dict(device=hidden.device, dtype=torch.float32)
+            gh = torch.zeros(h.shape, **f32) if need_h else None
+            gw = torch.zeros(weight.shape, **f32) if need_w else None
+            gb = torch.zeros(n_vocab, **f32) if (need_b and bias is not None) else None
+
+            def tile(r0, r1, v0, v1):
+                if b is None:
+                    return h[r0:r1] @ w[v0:v1].t()
+                return torch.addmm(b[v0:v1], h[r0:r1], w[v0:v1].t())
+
+            def consume(dz, r0, r1, v0, v1):
+                if gb is not None:
+                    gb[v0:v1] += dz.sum(0)
+                if compute_dtype != torch.float32:
+                    dz = dz.to(compute_dtype)
+                if gh is not None:
+                    _addmm_f32(gh[r0:r1], dz, w[v0:v1])
+                if gw is not None:
+                    _addmm_f32(gw[v0:v1], dz.t(), h[r0:r1])
+
+            with torch.no_grad():
+                _backward(len(rows), n_vocab, tile, consume, tgt, lse, entropy, g_lp, g_h, inv_t, guard, tc, vc)
+        grad_hidden = None
+        if gh is not None:
+            grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            grad_hidden.index_copy_(0, rows, gh.to(hidden.dtype))
+        return (
+            grad_hidden,
+            None if gw is None else gw.to(weight.dtype),
+            None if gb is None else gb.to(bias.dtype),
+            None, None, None, None, None, None, None,
+        )
+
+
+def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with an fp32 accumulator; half-precision products are not rounded before the sum."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b.float() if b.dtype != torch.float32 else b)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class _ChunkedLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, extras, tc, vc):
+        ctx.set_materialize_grads(False)
+        n, n_vocab = logits.shape
+        rows = torch.nonzero(targets != ignore_index).squeeze(1)
+        tgt = targets.index_select(0, rows).long()
+        inv_t = 1.0 / temperature
+        guard = bool(torch.isneginf(logits).any())
+        tc, vc = _chunks(logits.device, tc, vc)
+
+        def tile(r0, r1, v0, v1):
+            return logits[rows[r0:r1], v0:v1]  # advanced indexing copies the tile
+
+        with torch.no_grad():
+            out = _forward(len(rows), n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, logits.device)
+            stats = _scatter_stats(out, rows, n, extras, n_vocab, inv_t)
+        ctx.save_for_backward(logits, rows, tgt, out["lse"], out["entropy"])
+        ctx.cfg = (inv_t, guard, tc, vc)
+        extra_out = [stats[k] for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in stats]
+        ctx.mark_non_differentiable(*extra_out)
+        return (stats["logprobs"], stats["entropy"], *extra_out)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_h, *_unused):
+        logits, rows, tgt, lse, entropy = ctx.saved_tensors
+        inv_t, guard, tc, vc = ctx.cfg
+        if g_lp is None and g_h is None:
+            return (None,) * 7
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        if rows.numel() == 0:
+            return (grad,) + (None,) * 6
+        g_lp = None if g_lp is None else g_lp.float().index_select(0, rows)
+        g_h = None if g_h is None else g_h.float().index_select(0, rows)
+
+        def tile(r0, r1, v0, v1):
+            return logits[rows[r0:r1], v0:v1]
+
+        def consume(dz, r0, r1, v0, v1):
+            grad[rows[r0:r1], v0:v1] = dz.to(grad.dtype)
+
+        with torch.no_grad():
+            _backward(len(rows), logits.shape[1], tile, consume, tgt, lse, entropy, g_lp, g_h, inv_t, guard, tc, vc)
+        return (grad,) + (None,) * 6
+
+
+def _pack(outputs, extras) -> TokenStats:
+    lp, ent, *rest = outputs
+    named = dict(zip([k for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in extras], rest))
+    return TokenStats(lp, ent, **named)
+
+
+def chunked_token_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    extras: tuple[str, ...] = (),
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+) -> TokenStats:
+    """Chunked backend on materialized logits ``[N, V]``; outputs ``[N]``."""
+    extras = tuple(k for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in extras)
+    out = _ChunkedLogits.apply(logits, targets, temperature, ignore_index, extras, token_chunk, vocab_chunk)
+    return _pack(out, extras)
+
+
+def chunked_linear_token_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    extras: tuple[str, ...] = (),
+    compute_dtype: torch.dtype | None = None,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+) -> TokenStats:
+    """Chunked fused LM head; ``hidden [N, d]``, ``weight [V, d]``; outputs ``[N]``."""
+    extras = tuple(k for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in extras)
+    out = _ChunkedLinear.apply(
+        hidden, weight, bias, targets, temperature, ignore_index, extras, compute_dtype or hidden.dtype,
+        token_chunk, vocab_chunk,
+    )
+    return _pack(out, extras)

@@ -1,0 +1,155 @@
+"""A drop-in for TRL's fused LM head that runs on our ops.
+
+TRL trainers call ``model(..., labels=labels, fused_lm_head=True)`` after ``trl.trainer.utils.add_fused_lm_head``
+and read ``log_probs``, ``entropy`` (and, for DPO, ``mean_logits``, ``is_top1``, ``log_sum_sq_probs``).
+:func:`install_fused_head` gives a model exactly those outputs (TRL's ``FusedCausalLMOutput``) through
+:func:`llm_entreg.ops.linear_token_stats`, so TRL's trainers, and ours, run on our kernels. An optional
+``on_output`` callback sees every fused output: that is how our trainers capture the differentiable per-token
+entropy TRL already asks for, instead of running a second forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+
+from ._common import gathered_params
+
+_OUTPUT_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _logit_scale(text_config) -> float:
+    """The multiplier a model applies to its logits before softmax (1.0 for most models)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / float(scaling)
+    return 1.0
+
+
+def install_fused_head(
+    model,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
+    *,
+    backend: str = "auto",
+    on_output: Callable | None = None,
+) -> None:
+    """Patch ``model.forward`` so that ``fused_lm_head=True`` returns per-token statistics from our op.
+
+    Same contract as ``trl.trainer.utils.add_fused_lm_head`` (TRL 1.16): without ``fused_lm_head=True`` the original
+    forward runs (generation is unchanged); with it the backbone runs, the head is applied in tiles to the
+    positions whose next-token label is not ``-100``, and a ``FusedCausalLMOutput`` is returned, every per-token
+    field zero where the label is ``-100``. Install before wrapping the model with PEFT.
+
+    Args:
+        model: a causal LM (``PreTrainedModel``) with ``get_output_embeddings()``.
+        temperature: the logits are divided by it (after the model's own logit scale).
+        cast_lm_head_to_fp32: run the head in float32, outside autocast.
+        outputs: which of ``log_probs``, ``entropy``, ``log_sum_sq_probs``, ``mean_logits``, ``is_top1`` to return
+            (the others are ``None``); ``log_probs`` is always computed.
+        backend: op backend (``auto``, ``chunked``, ``triton``, ``torch``).
+        on_output: called as ``on_output(output)`` after every fused forward.
+    """
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    from . import linear_token_stats
+
+    unknown = [o for o in outputs if o not in _OUTPUT_FIELDS]
+    if unknown:
+        raise ValueError(f"outputs: unknown field(s) {unknown}; choose from {_OUTPUT_FIELDS}")
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        raise ValueError(
+            "final_logit_softcapping: models that soft-cap their logits (e.g. Gemma 2) are not supported by "
+            "llm_entreg's fused head yet; use trl.trainer.utils.add_fused_lm_head for them"
+        )
+    scale = _logit_scale(text_config)
+    if not scale > 0:
+        raise ValueError(f"logit_scale: the model's logit multiplier must be > 0 for the fused head, got {scale}")
+    effective_temperature = temperature / scale
+    extras = tuple(o for o in ("mean_logits", "is_top1", "log_sum_sq_probs") if o in outputs)
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+        if not fused_lm_head:
+            for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
+                if value is not None:
+                    kw[key] = value
+            return original_forward(*args, **kw)
+        if labels is None and shift_labels is None:
+            raise ValueError("labels: fused_lm_head=True needs labels (or shift_labels) to score")
+        kw["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kw.setdefault("output_router_logits", True)
+        backbone_out = self.base_model(*args, **kw)
+        if shift_labels is None:
+            hidden = backbone_out.last_hidden_state[:, :-1]
+            labels = labels[:, 1:]
+        else:
+            hidden, labels = backbone_out.last_hidden_state, shift_labels
+        head = self.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)
+        labels = labels.to(weight.device)
+        mask = labels != -100
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather the head once
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        autocast_ctx = torch.autocast(hidden.device.type, enabled=False) if cast_lm_head_to_fp32 else nullcontext()
+        if cast_lm_head_to_fp32:
+            hidden = hidden.float()
+        with gathered_params(weight, bias), autocast_ctx:
+            if cast_lm_head_to_fp32:
+                weight_in = weight.float()
+                bias_in = None if bias is None else bias.float()
+            else:
+                weight_in, bias_in = weight, bias
+            stats = linear_token_stats(
+                hidden.reshape(-1, hidden.shape[-1]),
+                weight_in,
+                labels.reshape(-1),
+                bias=bias_in,
+                temperature=effective_temperature,
+                ignore_index=-100,
+                backend=backend,
+                extras=extras,
+            )
+        per_token = {
+            "log_probs": stats.logprobs.view(mask.shape),
+            "entropy": stats.entropy.view(mask.shape) if "entropy" in outputs else None,
+            # the op saw T / scale, so these are statistics of logits * scale / T, as in TRL
+            "mean_logits": None if stats.mean_logits is None else stats.mean_logits.view(mask.shape),
+            "is_top1": None if stats.is_top1 is None else stats.is_top1.view(mask.shape),
+            "log_sum_sq_probs": None if stats.log_sum_sq_probs is None else stats.log_sum_sq_probs.view(mask.shape),
+        }
+        log_probs = per_token["log_probs"]
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -log_probs.sum() / denom
+        aux_loss = None
+        if kw.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            aux_loss = load_balancing_loss_func(
+                backbone_out.router_logits,
+                text_config.num_experts,
+                text_config.num_experts_per_tok,
+                kw.get("attention_mask"),
+            )
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        out = FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
+        if on_output is not None:
+            on_output(out)
+        return out
+
+    model.forward = types.MethodType(fused_forward, model)
+    model._llm_entreg_fused_head = {"temperature": temperature, "outputs": tuple(outputs), "backend": backend}
