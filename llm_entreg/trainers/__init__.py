@@ -1,0 +1,12 @@
+"""Thin subclasses of TRL trainers that add the entropy bonus; the math lives in ``llm_entreg.regularizers``."""
+
+from .dpo import EntropyDPOConfig, EntropyDPOTrainer
+from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin, NonFiniteLossError
+
+__all__ = [
+    "EntropyDPOConfig",
+    "EntropyDPOTrainer",
+    "EntropyRegularizationArguments",
+    "EntropyRegularizationMixin",
+    "NonFiniteLossError",
+]

@@ -1,0 +1,93 @@
+"""EntropyDPOTrainer: TRL's DPO plus an entropy bonus next to DPO's implicit KL (β_DPO).
+
+Only ``_compute_loss`` is wrapped: TRL's DPO loss is computed untouched, the per-token policy entropy that TRL's
+own fused-head call already produced is captured (no second forward), and ``-β · agg(H)`` over the chosen, the
+rejected or both completions is added. With ``entropy_coef=0`` (and no controller) the loss is TRL's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.trainer import dpo_trainer as trl_dpo_module
+
+from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin
+
+ENTROPY_ON = ("chosen", "rejected", "both")
+
+
+@dataclass
+class EntropyDPOConfig(EntropyRegularizationArguments, DPOConfig):
+    """``trl.DPOConfig`` plus the entropy-bonus fields (see :class:`EntropyRegularizationArguments`).
+
+    Extra field:
+        entropy_on: which completions the bonus is computed on: ``"chosen"``, ``"rejected"`` or ``"both"``
+            (default). The bonus acts on the policy's entropy over those tokens; DPO's β keeps its usual meaning
+            (the implicit KL-to-reference strength).
+    """
+
+    entropy_on: str = field(
+        default="both", metadata={"help": "Completions the bonus sees: chosen, rejected or both (default)."}
+    )
+
+    def __post_init__(self):
+        if self.entropy_on not in ENTROPY_ON:
+            raise ValueError(f"entropy_on: expected one of {ENTROPY_ON}, got {self.entropy_on!r}")
+        if self.entropy_level == "reward":
+            raise ValueError("entropy_level: 'reward' has no meaning in DPO (no reward); use 'token' or 'sequence'")
+        super().__post_init__()
+        self.validate_entropy_arguments()
+
+
+class EntropyDPOTrainer(EntropyRegularizationMixin, DPOTrainer):
+    """``trl.DPOTrainer`` with an entropy bonus. Same constructor; ``args`` must be an :class:`EntropyDPOConfig`.
+
+    Logs ``entropy`` (TRL's), ``entropy/chosen``, ``entropy/rejected``, ``entropy_coef`` and ``entropy_bonus``
+    (the value of ``β · agg(H)`` on the micro-batch).
+    """
+
+    _name = "EntropyDPO"
+
+    def __init__(self, *args, **kwargs):
+        config = kwargs.get("args")
+        if config is not None and not isinstance(config, EntropyDPOConfig):
+            raise ValueError(f"args: expected an EntropyDPOConfig, got {type(config).__name__}")
+        backend = config.fused_head_backend if config is not None else "auto"
+        with self._our_fused_head(trl_dpo_module, backend):
+            super().__init__(*args, **kwargs)
+        self._entropy_setup()
+
+    def _entropy_mask(self, inputs) -> torch.Tensor:
+        mask = inputs["completion_mask"][..., 1:].bool()
+        half = mask.shape[0] // 2
+        on = self.args.entropy_on
+        if on == "chosen":
+            mask = torch.cat([mask[:half], torch.zeros_like(mask[half:])])
+        elif on == "rejected":
+            mask = torch.cat([torch.zeros_like(mask[:half]), mask[half:]])
+        return mask
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        self._entropy_captured.clear()
+        result = super()._compute_loss(model, inputs, return_outputs)
+        loss, outputs = (result if return_outputs else (result, None))
+        if not self._entropy_captured:  # pragma: no cover - would mean TRL stopped calling the fused head
+            raise RuntimeError("the fused LM head was not called; cannot read the policy entropy")
+        policy_out = self._entropy_captured[0]  # the policy runs first; a PEFT reference pass may follow
+        self._entropy_captured.clear()
+        mode = "train" if self.model.training else "eval"
+        mask = self._entropy_mask(inputs)
+        entropy = policy_out.entropy[:, -mask.shape[1]:]
+        self._entropy_check_finite(loss, entropy, mask)
+        half = mask.shape[0] // 2
+        completion = inputs["completion_mask"][..., 1:].bool()
+        with torch.no_grad():
+            for name, rows in (("chosen", slice(0, half)), ("rejected", slice(half, None))):
+                h = (entropy[rows].detach() * completion[rows]).sum()
+                n = completion[rows].sum()
+                h, n = self.accelerator.gather_for_metrics(torch.stack([h.float(), n.float()]).reshape(1, 2)).sum(0)
+                self._metrics[mode][f"entropy/{name}"].append((h / n).item() if n > 0 else 0.0)
+        loss = loss + self._entropy_loss(entropy, mask, mode)
+        return (loss, outputs) if return_outputs else loss
