@@ -1,0 +1,353 @@
+"""The "triton" backend (materialized logits and fused LM head) against the float64 reference, forward and backward.
+
+Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1``, which tests/ops/conftest.py sets (and
+restores) before triton is first imported; with CUDA they are compiled and run on the GPU. Sizes are small and odd
+(N=37, d=24, V=301) and the kernels' block sizes are lowered so that every loop runs several times with ragged
+edges. If triton was imported earlier in the session without the interpreter, this module reruns itself in a fresh
+process (see ``test_rerun_in_fresh_process``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from llm_entreg.ops import (  # noqa: E402
+    linear_logprob_and_entropy,
+    linear_token_stats,
+    logprob_and_entropy,
+    token_stats,
+)
+from llm_entreg.ops import triton_linear, triton_logits  # noqa: E402
+from llm_entreg.ops.reference import reference_linear_token_stats, reference_token_stats  # noqa: E402
+
+pytestmark = pytest.mark.interpret
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")
+IGNORE = -100
+
+
+def _kernels_runnable() -> bool:
+    if DEVICE == "cuda":
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernels = (triton_logits._logits_fwd_kernel, triton_linear._linear_fwd_kernel, triton_linear._linear_dz_kernel)
+    stdlib = (triton.language.standard.sum, triton.language.standard.max)
+    return all(isinstance(k, InterpretedFunction) for k in kernels + stdlib)
+
+
+RUNNABLE = _kernels_runnable()
+needs_kernels = pytest.mark.skipif(
+    not RUNNABLE, reason="triton was imported without TRITON_INTERPRET=1; covered by test_rerun_in_fresh_process"
+)
+
+
+@pytest.mark.skipif(RUNNABLE, reason="the kernels run in this process")
+def test_rerun_in_fresh_process():
+    """Triton was imported before the interpreter could be switched on: run this file again in a clean process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    """Blocks much smaller than the sizes, so that every loop runs several times and ends on a ragged edge."""
+    monkeypatch.setattr(triton_logits, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(triton_linear, "BLOCK_N", 16)
+    monkeypatch.setattr(triton_linear, "BLOCK_V", 64)
+    monkeypatch.setattr(triton_linear, "BLOCK_D", 16)
+
+
+def _close(actual, expected, atol, rtol, what):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def _grad_close(actual, expected, dtype, what, compute=None):
+    """fp32: tight. bf16 compute: dz and the GEMMs are bf16, so the tolerance scales with the largest entry."""
+    assert actual.dtype == dtype, f"{what}: gradient dtype {actual.dtype}, expected the input's {dtype}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite gradient"
+    scale = expected.abs().max().item()
+    if (compute or dtype) == torch.float32:
+        _close(actual, expected, 1e-5 * max(scale, 1.0), 1e-4, what)
+    else:
+        _close(actual, expected, 1e-2 * scale, 1e-2, what)
+        rel = (actual.double() - expected).norm() / expected.norm()
+        assert rel < 5e-3, f"{what}: relative error {rel:.3g}"
+
+
+def _check_forward(stats, ref, valid, extras, what):
+    assert stats.logprobs.dtype == torch.float32 and stats.entropy.dtype == torch.float32
+    for name in ("logprobs", "entropy", *[e for e in extras if e != "is_top1"]):
+        got, exp = getattr(stats, name), getattr(ref, name)
+        assert got.dtype == torch.float32, name
+        _close(got, exp, 2e-5, 2e-5, f"{what} {name}")
+        assert (got[~valid] == 0).all(), f"{what} {name}: ignored positions must be 0"
+    if "is_top1" in extras:
+        assert stats.is_top1.dtype == torch.bool
+        assert torch.equal(stats.is_top1, ref.is_top1), f"{what} is_top1"
+    for name in set(("mean_logits", "is_top1", "log_sum_sq_probs")) - set(extras):
+        assert getattr(stats, name) is None
+
+
+# ---------------------------------------------------------------- materialized logits
+
+
+LOGITS_CASES = [
+    # id, seed, dtype, lead shape, temperature, -inf columns, grads, extras, non-contiguous input
+    ("fp32-both", 11, torch.float32, (37,), 1.0, False, "both", EXTRAS, False),
+    ("fp32-masked-T", 12, torch.float32, (3, 13), 0.7, True, "both", EXTRAS, True),
+    ("bf16-masked-lp-only", 13, torch.bfloat16, (37,), 1.6, True, "lp", ("is_top1",), False),
+    ("bf16-entropy-only", 14, torch.bfloat16, (2, 19), 1.0, False, "h", (), True),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", LOGITS_CASES, ids=[c[0] for c in LOGITS_CASES])
+def test_logits_kernel_matches_float64_reference(case):
+    _, seed, dtype, lead, temperature, masked, grads, extras, strided = case
+    n_vocab = 301
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*lead, n_vocab, generator=gen) * 4
+    targets = torch.randint(0, n_vocab, lead, generator=gen)
+    flat_l, flat_t = logits.view(-1, n_vocab), targets.view(-1)
+    if masked:
+        flat_l[:5, :64] = float("-inf")  # a whole first block: m stays -inf for a block
+        flat_l[5:10, 128:192] = float("-inf")  # a whole middle block
+        flat_l[:, 250:260] = float("-inf")  # masked vocabulary columns
+        flat_t[:5] = torch.randint(64, 250, (5,), generator=gen)
+        flat_t[5:10] = torch.randint(0, 128, (5,), generator=gen)
+        flat_t[(flat_t >= 250) & (flat_t < 260)] = 3 + 64
+    # some targets are the argmax, one row has a tie at its maximum (the first occurrence wins)
+    flat_t[10:16] = flat_l[10:16].argmax(-1)
+    top = flat_l[16].max()
+    flat_l[16, 7], flat_l[16, 200] = top + 1, top + 1
+    flat_t[16], flat_t[17] = 200, 7
+    flat_l[17] = flat_l[16]
+    flat_t[torch.rand(flat_t.shape, generator=gen) < 0.2] = IGNORE
+    flat_t[16], flat_t[17] = 200, 7
+    logits = logits.to(dtype)
+    if strided:  # a non-contiguous [.., V] view: vocabulary stride != 1
+        logits = logits.transpose(-1, 0).contiguous().transpose(-1, 0)
+        assert not logits.is_contiguous()
+    logits = logits.to(DEVICE).requires_grad_(True)
+    targets = targets.to(DEVICE)
+    valid = targets != IGNORE
+
+    stats = token_stats(logits, targets, temperature=temperature, backend="triton", extras=extras)
+    ref_in = logits.detach().double().requires_grad_(True)
+    ref = reference_token_stats(ref_in, targets, temperature=temperature, dtype=torch.float64, extras=EXTRAS)
+    assert stats.logprobs.shape == targets.shape
+    _check_forward(stats, ref, valid, extras, "logits")
+    if "is_top1" in extras:
+        assert bool(stats.is_top1.view(-1)[17]) and not bool(stats.is_top1.view(-1)[16])
+
+    g_lp = torch.randn(lead, generator=gen).to(DEVICE) if grads in ("both", "lp") else None
+    g_h = torch.randn(lead, generator=gen).to(DEVICE) if grads in ("both", "h") else None
+
+    def loss(s):
+        total = 0.0
+        if g_lp is not None:
+            total = total + (g_lp.to(s.logprobs.dtype) * s.logprobs).sum()
+        if g_h is not None:
+            total = total + (g_h.to(s.entropy.dtype) * s.entropy).sum()
+        return total
+
+    (grad,) = torch.autograd.grad(loss(stats), [logits])
+    (ref_grad,) = torch.autograd.grad(loss(ref), [ref_in])
+    assert (grad.view(-1, n_vocab)[~valid.view(-1)] == 0).all(), "ignored rows must get zero gradient"
+    if masked:
+        assert (grad.view(-1, n_vocab)[:, 250:260] == 0).all(), "-inf logits must get exactly zero gradient"
+    _grad_close(grad, ref_grad, dtype, "dlogits")
+
+
+@needs_kernels
+def test_logits_kernel_extreme_logits_are_finite():
+    gen = torch.Generator().manual_seed(21)
+    logits = (torch.randn(9, 301, generator=gen) * 1e4).clamp(-1e4, 1e4)
+    logits[0] = 0.0  # uniform row
+    logits[1, :] = -1e4
+    logits[1, 5] = 1e4  # one-hot row
+    targets = torch.randint(0, 301, (9,), generator=gen)
+    logits = logits.to(DEVICE).requires_grad_(True)
+    targets = targets.to(DEVICE)
+    lp, h = logprob_and_entropy(logits, targets, temperature=0.9, backend="triton")
+    ref_in = logits.detach().double().requires_grad_(True)
+    ref = reference_token_stats(ref_in, targets, temperature=0.9, dtype=torch.float64)
+    assert torch.isfinite(lp).all() and torch.isfinite(h).all()
+    _close(lp, ref.logprobs, 1e-3, 1e-6, "logprobs")
+    _close(h, ref.entropy, 1e-4, 1e-5, "entropy")
+    g = torch.randn(9, generator=gen).to(DEVICE)
+    (grad,) = torch.autograd.grad((g * lp).sum() + (g * h).sum(), [logits])
+    (ref_grad,) = torch.autograd.grad((g.double() * ref.logprobs).sum() + (g.double() * ref.entropy).sum(), [ref_in])
+    assert torch.isfinite(grad).all()
+    # z / T of |z| ~ 1e4 is rounded to fp32 (ulp ~ 1e-3), which moves p by ~1e-3 relative: a looser tolerance.
+    _close(grad, ref_grad, 2e-3 * ref_grad.abs().max().item(), 1e-2, "dlogits")
+
+
+@needs_kernels
+def test_logits_kernel_all_ignored():
+    logits = torch.randn(4, 50, device=DEVICE, requires_grad=True)
+    targets = torch.full((4,), IGNORE, device=DEVICE)
+    stats = token_stats(logits, targets, backend="triton", extras=EXTRAS)
+    for t in stats:
+        assert not t.any()
+    (grad,) = torch.autograd.grad(stats.logprobs.sum() + stats.entropy.sum(), [logits])
+    assert not grad.any()
+
+
+# ---------------------------------------------------------------- fused LM head
+
+
+LINEAR_CASES = [
+    # id, seed, input dtype, autocast dtype, bias ("none", "finite", "masked"), temperature, grads, extras
+    ("fp32-bias-both", 31, torch.float32, None, "finite", 1.0, "both", EXTRAS),
+    ("fp32-nobias-T-lp-only", 32, torch.float32, None, "none", 0.7, "lp", ("mean_logits",)),
+    ("fp32-masked-bias-T", 33, torch.float32, None, "masked", 1.3, "both", EXTRAS),
+    ("bf16-masked-bias", 34, torch.bfloat16, None, "masked", 0.8, "both", EXTRAS),
+    ("bf16-nobias-entropy-only", 35, torch.bfloat16, None, "none", 1.0, "h", ()),
+    ("autocast-fp32-as-bf16", 36, torch.float32, torch.bfloat16, "finite", 1.0, "both", ("is_top1",)),
+]
+
+
+def _linear_inputs(gen, dtype, bias_kind, n=37, d=24, n_vocab=301):
+    hidden = torch.randn(n, d, generator=gen).to(dtype)
+    weight = (torch.randn(n_vocab, d, generator=gen) / d**0.25).to(dtype)
+    bias = None
+    if bias_kind != "none":
+        bias = torch.randn(n_vocab, generator=gen)
+        if bias_kind == "masked":
+            bias[:192] = float("-inf")  # whole blocks, and (with these sizes) a whole vocabulary split
+            bias[250:260] = float("-inf")
+        bias = bias.to(dtype)
+    lo = 192 if bias_kind == "masked" else 0
+    targets = torch.randint(lo, n_vocab, (n,), generator=gen)
+    targets[(targets >= 250) & (targets < 260)] = 270
+    return hidden, weight, bias, targets
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[c[0] for c in LINEAR_CASES])
+def test_linear_kernel_matches_float64_reference(case):
+    _, seed, dtype, autocast_dtype, bias_kind, temperature, grads, extras = case
+    gen = torch.Generator().manual_seed(seed)
+    hidden, weight, bias, targets = _linear_inputs(gen, dtype, bias_kind)
+    # An exact tie at the maximum in two columns, the first one wins: two blocks of one vocabulary split (masked
+    # case), or two splits (columns < 192 and >= 192 fall in different splits with these sizes).
+    first_col = 200 if bias_kind == "masked" else 100
+    hidden[1] = hidden[0]
+    weight[first_col] = weight[260] = hidden[0] * 0.5
+    if bias is not None:
+        bias[260] = bias[first_col]
+    compute = autocast_dtype or dtype
+    rounded = [None if t is None else t.to(compute).double() for t in (hidden, weight, bias)]
+    z = rounded[0] @ rounded[1].t() + (0 if bias is None else rounded[2])
+    targets[10:16] = z[10:16].argmax(-1)  # some targets are the argmax
+    targets[torch.rand(targets.shape, generator=gen) < 0.25] = IGNORE
+    targets[0], targets[1] = 260, first_col
+    hidden, weight, targets = hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
+    bias = None if bias is None else bias.to(DEVICE)
+    params = [t.requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
+    valid = targets != IGNORE
+    if DEVICE == "cpu":  # with these sizes the forward splits the vocabulary: the merge of splits is tested
+        assert triton_linear._num_splits(int(valid.sum()), 301, torch.device(DEVICE))[0] >= 2
+
+    if autocast_dtype is None:
+        stats = linear_token_stats(hidden, weight, targets, bias=bias, temperature=temperature, backend="triton",
+                                   extras=extras)
+    else:
+        with torch.autocast(DEVICE, dtype=autocast_dtype):
+            stats = linear_token_stats(hidden, weight, targets, bias=bias, temperature=temperature,
+                                       backend="triton", extras=extras)
+    ref_params = [t.to(DEVICE).requires_grad_(True) for t in rounded if t is not None]
+    ref = reference_linear_token_stats(
+        ref_params[0], ref_params[1], targets, bias=ref_params[2] if bias is not None else None,
+        temperature=temperature, dtype=torch.float64, extras=EXTRAS,
+    )
+    _check_forward(stats, ref, valid, extras, "linear")
+    if "is_top1" in extras:
+        assert stats.is_top1[1] and not stats.is_top1[0], "tie at the maximum: the first column wins"
+
+    g_lp = torch.randn(targets.shape, generator=gen).to(DEVICE) if grads in ("both", "lp") else None
+    g_h = torch.randn(targets.shape, generator=gen).to(DEVICE) if grads in ("both", "h") else None
+
+    def loss(s):
+        total = 0.0
+        if g_lp is not None:
+            total = total + (g_lp.to(s.logprobs.dtype) * s.logprobs).sum()
+        if g_h is not None:
+            total = total + (g_h.to(s.entropy.dtype) * s.entropy).sum()
+        return total
+
+    got = torch.autograd.grad(loss(stats), params)
+    exp = torch.autograd.grad(loss(ref), ref_params)
+    for name, g, e, p in zip(("hidden", "weight", "bias"), got, exp, params):
+        _grad_close(g, e, p.dtype, f"grad_{name}", compute)
+    assert (got[0][~valid] == 0).all(), "ignored tokens must get zero grad_hidden"
+    if bias_kind == "masked":
+        assert (got[2][:192] == 0).all() and (got[1][250:260] == 0).all(), "-inf columns must get zero gradient"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, dtype):
+    """A tiny dz buffer forces token chunks (fp32 grad_weight accumulation) and vocabulary chunks (grad_hidden)."""
+    gen = torch.Generator().manual_seed(41 if dtype == torch.float32 else 42)
+    hidden, weight, bias, targets = _linear_inputs(gen, dtype, "finite")
+    targets[::5] = IGNORE
+    elem = 4 if dtype == torch.float32 else 2
+    monkeypatch.setattr(triton_linear, "BWD_BUFFER_BYTES", 10 * 128 * elem)  # 10 tokens x 128 columns
+    monkeypatch.setattr(triton_linear, "MIN_TOKEN_CHUNK", 10)
+    assert triton_linear._chunks(29, 301, elem) == (10, 128)
+    hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
+    params = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    lp, h = linear_logprob_and_entropy(hidden, weight, targets, bias=bias, temperature=1.1, backend="triton")
+    ref_params = [t.detach().double().requires_grad_(True) for t in params]
+    ref = reference_linear_token_stats(*ref_params[:2], targets, bias=ref_params[2], temperature=1.1,
+                                       dtype=torch.float64)
+    _close(lp, ref.logprobs, 2e-5, 2e-5, "logprobs")
+    _close(h, ref.entropy, 2e-5, 2e-5, "entropy")
+    g1, g2 = (torch.randn(targets.shape, generator=gen).to(DEVICE) for _ in range(2))
+    got = torch.autograd.grad((g1 * lp).sum() + (g2 * h).sum(), params)
+    exp = torch.autograd.grad((g1.double() * ref.logprobs).sum() + (g2.double() * ref.entropy).sum(), ref_params)
+    for name, g, e, p in zip(("hidden", "weight", "bias"), got, exp, params):
+        _grad_close(g, e, p.dtype, f"grad_{name}")
+
+
+@needs_kernels
+def test_linear_frozen_head_and_all_ignored():
+    gen = torch.Generator().manual_seed(51)
+    hidden, weight, bias, targets = _linear_inputs(gen, torch.float32, "finite", n=19)
+    hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
+    hidden.requires_grad_(True)  # weight and bias frozen (LoRA-style): only grad_hidden is formed
+    lp, h = linear_logprob_and_entropy(hidden, weight, targets, bias=bias, backend="triton")
+    ref_h = hidden.detach().double().requires_grad_(True)
+    ref = reference_linear_token_stats(ref_h, weight.double(), targets, bias=bias.double(), dtype=torch.float64)
+    (grad,) = torch.autograd.grad(lp.sum() + 0.5 * h.sum(), [hidden])
+    (ref_grad,) = torch.autograd.grad(ref.logprobs.sum() + 0.5 * ref.entropy.sum(), [ref_h])
+    _grad_close(grad, ref_grad, torch.float32, "grad_hidden")
+
+    ignored = torch.full_like(targets, IGNORE)
+    weight.requires_grad_(True)
+    stats = linear_token_stats(hidden, weight, ignored, bias=bias, backend="triton", extras=EXTRAS)
+    for t in stats:
+        assert t.shape == ignored.shape and not t.any()
+    gh, gw = torch.autograd.grad(stats.logprobs.sum() + stats.entropy.sum(), [hidden, weight])
+    assert not gh.any() and not gw.any()
