@@ -1,0 +1,192 @@
+"""Recipes are data: a YAML file names everything a run needs; this module loads, overrides and validates it.
+
+A recipe has these sections (see ``recipes/dpo_entropy.yaml``)::
+
+    algorithm: dpo            # which trainer
+    seed: 0
+    model: {name_or_path: embedded, ref_name_or_path: null}
+    data: {train: embedded, train_split: train, eval: embedded, eval_split: validation, max_train_samples: null}
+    evaluation: {held_out: true, num_prompts: 200, split: test}
+    trainer: {...}            # fields of the algorithm's config dataclass (e.g. EntropyDPOConfig)
+    real_model: {...}         # optional: merged over the above by ``--real`` (real model / dataset ids)
+
+Overrides are ``key=value`` (the value is parsed as YAML): a bare key is a trainer field (``entropy_coef=0.01``)
+or a top-level key (``seed=1``); a dotted key addresses any section (``model.name_or_path=/path/to/model``).
+Unknown keys are refused with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SECTIONS = {
+    "algorithm": None,
+    "seed": None,
+    "description": None,
+    "model": {"name_or_path": "embedded", "ref_name_or_path": None, "dtype": None},
+    "data": {
+        "train": "embedded",
+        "train_split": "train",
+        "eval": None,
+        "eval_split": "validation",
+        "max_train_samples": None,
+        "max_eval_samples": None,
+        "task": "add",
+    },
+    "evaluation": {"held_out": True, "num_prompts": 200, "split": "test", "max_new_tokens": 8},
+    "trainer": None,  # validated against the algorithm's config dataclass
+    "real_model": None,  # merged by --real
+}
+ALGORITHMS = ("dpo",)
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message names the key or the file."""
+
+
+def _closest(key: str, choices) -> str:
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def config_class(algorithm: str):
+    if algorithm == "dpo":
+        from .trainers.dpo import EntropyDPOConfig
+
+        return EntropyDPOConfig
+    raise RecipeError(f"algorithm: unknown {algorithm!r}; choose from {ALGORITHMS}")
+
+
+def trainer_fields(algorithm: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class(algorithm)) if f.init}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 scalars: ``no``/``yes``/``on``/``off`` stay strings (``save_strategy: no``), ``1e-4`` is a
+    float. PyYAML's YAML 1.1 rules would read them as booleans and a string."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return _yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(recipe: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected key=value (e.g. entropy_coef=0.01)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    value = _parse_value(text)
+    algorithm = recipe.get("algorithm")
+    fields = trainer_fields(algorithm)
+    if "." in key:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or SECTIONS[section] is None and section != "trainer":
+            raise RecipeError(f"override {key!r}: unknown section {section!r}{_closest(section, SECTIONS)}")
+        allowed = fields if section == "trainer" else set(SECTIONS[section])
+        if name not in allowed:
+            raise RecipeError(f"override {key!r}: unknown key {name!r} in {section}{_closest(name, allowed)}")
+        recipe.setdefault(section, {})[name] = value
+    elif key in ("seed", "algorithm"):  # top-level first: ``seed`` seeds data, model and trainer alike
+        recipe[key] = value
+    elif key in fields:
+        recipe.setdefault("trainer", {})[key] = value
+    else:
+        everything = set(fields) | {"seed", "algorithm"} | {
+            f"{s}.{k}" for s, keys in SECTIONS.items() if isinstance(keys, dict) for k in keys
+        }
+        raise RecipeError(f"override {key!r}: unknown key{_closest(key, everything)}")
+
+
+def validate(recipe: dict, source: str = "recipe") -> dict:
+    """Fill defaults and refuse unknown keys, naming the key, the file and the closest valid name."""
+    for key in recipe:
+        if key not in SECTIONS:
+            raise RecipeError(f"{source}: unknown top-level key {key!r}{_closest(key, SECTIONS)}")
+    algorithm = recipe.get("algorithm")
+    if algorithm not in ALGORITHMS:
+        raise RecipeError(f"{source}: algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+    out = {"algorithm": algorithm, "seed": int(recipe.get("seed", 0) or 0), "description": recipe.get("description")}
+    for section, defaults in SECTIONS.items():
+        if not isinstance(defaults, dict):
+            continue
+        given = recipe.get(section) or {}
+        if not isinstance(given, dict):
+            raise RecipeError(f"{source}: {section}: expected a mapping, got {type(given).__name__}")
+        for key in given:
+            if key not in defaults:
+                raise RecipeError(f"{source}: {section}.{key}: unknown key{_closest(key, defaults)}")
+        out[section] = {**defaults, **given}
+    trainer = dict(recipe.get("trainer") or {})
+    fields = trainer_fields(algorithm)
+    for key in trainer:
+        if key not in fields:
+            raise RecipeError(f"{source}: trainer.{key}: unknown key{_closest(key, fields)}")
+    out["trainer"] = trainer
+    if recipe.get("real_model") is not None:
+        out["real_model"] = recipe["real_model"]
+    return out
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), real: bool = False) -> dict:
+    """Load a YAML recipe, merge ``real_model`` if ``real``, apply ``overrides``, validate, and return a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level")
+    if real:
+        extra = raw.get("real_model")
+        if not extra:
+            raise RecipeError(f"{path}: --real given but the recipe has no real_model section")
+        raw = _merge({k: v for k, v in raw.items() if k != "real_model"}, extra)
+    raw.setdefault("algorithm", None)
+    if raw["algorithm"] not in ALGORITHMS:
+        raise RecipeError(f"{path}: algorithm: expected one of {ALGORITHMS}, got {raw['algorithm']!r}")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = validate(raw, str(path))
+    recipe["trainer"].setdefault("output_dir", os.path.join("runs", path.stem))
+    recipe["source"] = str(path)
+    return recipe

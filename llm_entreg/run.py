@@ -1,0 +1,242 @@
+"""Build a run from a validated recipe (model, data, trainer), train it, and write the run's record.
+
+The output directory gets ``metrics.jsonl`` (every logged step), ``curves.png`` (loss, entropy, coefficient and
+reward curves), ``summary.json`` and the trainer's own checkpoints. No math here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .recipes import config_class
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends every log record to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": state.global_step, **{k: _jsonable(v) for k, v in logs.items()}}) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1
+
+
+def _load_model(name: str, field: str, dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.expanduser(name)
+    if _looks_local(name) and not os.path.isdir(path):
+        raise FileNotFoundError(f"{field}: {name!r} does not exist (no such directory)")
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"{field}: could not load {name!r}: it is not a local model directory and the hub did not provide it "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.expanduser(name))
+
+
+def _load_dataset(name: str, split: str, field: str, columns, limit):
+    import datasets
+
+    try:
+        if os.path.isfile(name):
+            ext = Path(name).suffix.lstrip(".")
+            ext = {"jsonl": "json"}.get(ext, ext)
+            ds = datasets.load_dataset(ext, data_files=name, split=split)
+        elif os.path.isdir(name):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear message
+        raise FileNotFoundError(f"{field}: could not load dataset {name!r} split {split!r}: {exc}") from exc
+    return _check_columns(ds, columns, f"{field} ({name!r})", limit)
+
+
+def _check_columns(ds, columns, what: str, limit):
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {ds.column_names}")
+    if limit:
+        ds = ds.select(range(min(int(limit), len(ds))))
+    return ds
+
+
+def build(recipe: dict, log=print) -> dict[str, Any]:
+    """Resolve the recipe's model, tokenizer and datasets. Returns the pieces the trainer needs."""
+    seed = recipe["seed"]
+    data, model_cfg = recipe["data"], recipe["model"]
+    pieces: dict[str, Any] = {"default": None}
+    uses_embedded = model_cfg["name_or_path"] == "embedded" or data["train"] == "embedded"
+    if uses_embedded:
+        from .tasks import build_default
+
+        t0 = time.time()
+        default = build_default(seed=seed, task=data.get("task"), log=None)
+        pieces["default"] = default
+        how = "cached" if default.from_cache else f"trained in {time.time() - t0:.0f} s"
+        log(f"embedded default: warm-started tiny model ({how}) at {default.model_path}")
+    name = pieces["default"].model_path if model_cfg["name_or_path"] == "embedded" else model_cfg["name_or_path"]
+    pieces["model"] = _load_model(name, "model.name_or_path", model_cfg.get("dtype"))
+    pieces["tokenizer"] = _load_tokenizer(name)
+    ref = model_cfg.get("ref_name_or_path")
+    if ref is None:
+        import copy
+
+        pieces["ref_model"] = copy.deepcopy(pieces["model"])
+    else:
+        pieces["ref_model"] = _load_model(pieces["default"].model_path if ref == "embedded" else ref,
+                                          "model.ref_name_or_path", model_cfg.get("dtype"))
+    limit_train, limit_eval = data.get("max_train_samples"), data.get("max_eval_samples")
+    if data["train"] == "embedded":
+        pieces["train"] = _check_columns(pieces["default"].datasets.preference[data["train_split"]],
+                                         PREFERENCE_COLUMNS, "data.train (embedded)", limit_train)
+    else:
+        pieces["train"] = _load_dataset(data["train"], data["train_split"], "data.train", PREFERENCE_COLUMNS,
+                                        limit_train)
+    pieces["eval"] = None
+    if data.get("eval") == "embedded":
+        pieces["eval"] = _check_columns(pieces["default"].datasets.preference[data["eval_split"]],
+                                        PREFERENCE_COLUMNS, "data.eval (embedded)", limit_eval)
+    elif data.get("eval"):
+        pieces["eval"] = _load_dataset(data["eval"], data["eval_split"], "data.eval", PREFERENCE_COLUMNS, limit_eval)
+    return pieces
+
+
+def held_out_metrics(recipe: dict, pieces: dict, model) -> dict[str, float] | None:
+    ev = recipe["evaluation"]
+    if not ev.get("held_out") or pieces["default"] is None:
+        return None
+    default = pieces["default"]
+    problems = default.problems(ev["split"])[: int(ev["num_prompts"])]
+    from .tasks import evaluate
+
+    was_training = model.training
+    metrics = evaluate(model, default.tokenizer, problems, reward_funcs=default.reward_funcs,
+                       reward_weights=default.reward_weights, max_new_tokens=int(ev["max_new_tokens"]),
+                       seed=recipe["seed"])
+    model.train(was_training)
+    return metrics
+
+
+def make_trainer(recipe: dict, pieces: dict, callbacks=()):
+    trainer_args = dict(recipe["trainer"])
+    trainer_args.setdefault("seed", recipe["seed"])
+    trainer_args.setdefault("report_to", [])
+    config = config_class(recipe["algorithm"])(**trainer_args)
+    from .trainers import EntropyDPOTrainer
+
+    return EntropyDPOTrainer(
+        model=pieces["model"], ref_model=pieces["ref_model"], args=config, train_dataset=pieces["train"],
+        eval_dataset=pieces["eval"], processing_class=pieces["tokenizer"], callbacks=list(callbacks),
+    )
+
+
+def run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict[str, Any]:
+    """Train the recipe end to end. Returns the summary (also written to ``summary.json``)."""
+    out_dir = Path(recipe["trainer"]["output_dir"])
+    pieces = build(recipe, log=log)
+    before = held_out_metrics(recipe, pieces, pieces["model"])
+    metrics_path = out_dir / "metrics.jsonl"
+    trainer = make_trainer(recipe, pieces, callbacks=[MetricsWriter(metrics_path)])
+    if trainer.is_world_process_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recipe.resolved.yaml").write_text(_dump_yaml(recipe))
+        if resume_from_checkpoint is None and metrics_path.exists():
+            metrics_path.unlink()  # a fresh run starts a fresh record
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    train_seconds = time.time() - t0
+    trainer.save_model(str(out_dir / "final"))
+    after = held_out_metrics(recipe, pieces, trainer.model)
+    history = [r for r in trainer.state.log_history if "loss" in r]
+    summary = {
+        "recipe": recipe.get("source"),
+        "algorithm": recipe["algorithm"],
+        "steps": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 1),
+        "entropy_coef": recipe["trainer"].get("entropy_coef", 0.0),
+        "train": _curve_summary(history),
+        "held_out_before": before,
+        "held_out_after": after,
+        "output_dir": str(out_dir),
+    }
+    if trainer.is_world_process_zero():
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from .plots import plot_training_curves
+
+        plot_training_curves(history, out_dir / "curves.png", title=Path(recipe.get("source") or "run").stem)
+    return summary
+
+
+def _curve_summary(history: list[dict]) -> dict[str, Any]:
+    def first_last(key):
+        values = [r[key] for r in history if key in r]
+        return (values[0], values[-1]) if values else (None, None)
+
+    out = {}
+    for key in ("loss", "entropy", "entropy_coef", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                "logps/chosen"):
+        start, end = first_last(key)
+        if start is not None:
+            out[key] = {"start": start, "end": end}
+    return out
+
+
+def _dump_yaml(recipe: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump({k: v for k, v in recipe.items() if k != "real_model"}, sort_keys=False)
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"done: {summary['steps']} steps in {summary['train_seconds']} s -> {summary['output_dir']}"]
+    train = summary["train"]
+    for key, label in (("entropy", "entropy (train, nats/token)"), ("loss", "loss"),
+                       ("rewards/accuracies", "DPO reward accuracy"), ("rewards/margins", "DPO reward margin")):
+        if key in train:
+            lines.append(f"  {label}: {train[key]['start']:.4g} -> {train[key]['end']:.4g}")
+    if "rewards/chosen" in train and "logps/chosen" in train:
+        lines.append(f"  implicit KL proxy (β·log π/π_ref on chosen): {train['rewards/chosen']['end']:.4g}")
+    before, after = summary.get("held_out_before"), summary.get("held_out_after")
+    if before and after:
+        for key, label in (("accuracy", "held-out accuracy (greedy)"), ("sampled_accuracy", "held-out accuracy (sampled)"),
+                           ("entropy", "held-out policy entropy (sampled tokens)"), ("nll", "held-out NLL of correct answers")):
+            if key in before and key in after:
+                lines.append(f"  {label}: {before[key]:.4g} -> {after[key]:.4g}")
+    return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""Session-wide test settings: one warm-start cache for the whole suite (and the README main job)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The embedded default's SFT warm start is trained once and cached; every test that needs it shares this copy.
+os.environ.setdefault("LLM_ENTREG_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "llm_entreg"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
