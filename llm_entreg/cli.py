@@ -26,12 +26,17 @@ def resolve_accelerate_config(name: str) -> Path:
     raise SystemExit(f"--accelerate-config: no config {name!r}; known names: {known}")
 
 
-def _train(args) -> int:
+def _train(args, raw: list[str]) -> int:
     if args.accelerate_config:
         config = resolve_accelerate_config(args.accelerate_config)
-        forwarded = [a for a in sys.argv[2:]]
-        i = forwarded.index("--accelerate-config")
-        del forwarded[i : i + 2]
+        forwarded, skip = [], False
+        for item in raw:  # drop "--accelerate-config NAME" / "--accelerate-config=NAME"; forward the rest
+            if skip:
+                skip = False
+            elif item == "--accelerate-config":
+                skip = True
+            elif not item.startswith("--accelerate-config="):
+                forwarded.append(item)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "-m", "llm_entreg", "train", *forwarded]
         print("launching:", " ".join(cmd), flush=True)
@@ -66,10 +71,8 @@ def _bench(rest: list[str]) -> int:
     return bench_main(rest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-entreg", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a recipe (DPO with an entropy bonus, ...)")
+def build_train_parser() -> argparse.ArgumentParser:
+    train = argparse.ArgumentParser(prog="llm-entreg train", description="train a recipe (DPO with an entropy bonus, ...)")
     train.add_argument("recipe", help="YAML recipe, e.g. recipes/dpo_entropy.yaml")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. entropy_coef=0.01 max_steps=20")
     train.add_argument("--real", action="store_true", help="switch to the recipe's real model/dataset ids")
@@ -77,15 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume from CKPT, or from the last checkpoint in output_dir")
     train.add_argument("--accelerate-config", default=None,
                        help="launch through `accelerate launch` with configs/NAME.yaml (or a path)")
-    sub.add_parser("bench", help="benchmark the fused log-prob + entropy ops", add_help=False)
-    return parser
+    return train
+
+
+COMMANDS = {"train": "train a recipe", "bench": "benchmark the fused log-prob + entropy ops"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: llm-entreg {train,bench} ...\n" + "".join(f"  {k:6} {v}\n" for k, v in COMMANDS.items())
+        print(usage, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout, end="")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "bench":
         return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return _train(args)
-    return 2  # pragma: no cover - argparse requires a command
+    return _train(build_train_parser().parse_intermixed_args(argv[1:]), argv[1:])

@@ -4,9 +4,10 @@ A recipe has these sections (see ``recipes/dpo_entropy.yaml``)::
 
     algorithm: dpo            # which trainer
     seed: 0
-    model: {name_or_path: embedded, ref_name_or_path: null}
-    data: {train: embedded, train_split: train, eval: embedded, eval_split: validation, max_train_samples: null}
-    evaluation: {held_out: true, num_prompts: 200, split: test}
+    model: {name_or_path: embedded, ref_name_or_path: null, dtype: null}
+    data: {train: embedded, train_split: train, eval: null, eval_split: validation, max_train_samples: null,
+           max_eval_samples: null, task: add}
+    evaluation: {held_out: true, num_prompts: 200, split: test, max_new_tokens: 8}
     trainer: {...}            # fields of the algorithm's config dataclass (e.g. EntropyDPOConfig)
     real_model: {...}         # optional: merged over the above by ``--real`` (real model / dataset ids)
 

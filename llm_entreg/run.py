@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 
 from .recipes import config_class
 
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+# TRL's DPOTrainer also takes the "implicit prompt" format (the prompt inside chosen/rejected), so prompt is optional
+PREFERENCE_COLUMNS = ("chosen", "rejected")
 
 
 class MetricsWriter(TrainerCallback):
@@ -53,6 +54,8 @@ def _load_model(name: str, field: str, dtype=None):
     path = os.path.expanduser(name)
     if _looks_local(name) and not os.path.isdir(path):
         raise FileNotFoundError(f"{field}: {name!r} does not exist (no such directory)")
+    if dtype and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ValueError(f"model.dtype: {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
     kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -76,7 +79,7 @@ def _load_dataset(name: str, split: str, field: str, columns, limit):
         if os.path.isfile(name):
             ext = Path(name).suffix.lstrip(".")
             ext = {"jsonl": "json"}.get(ext, ext)
-            ds = datasets.load_dataset(ext, data_files=name, split=split)
+            ds = datasets.load_dataset(ext, data_files=name, split="train")  # a file is one split, whatever its name
         elif os.path.isdir(name):
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):

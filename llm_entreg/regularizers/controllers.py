@@ -253,7 +253,8 @@ class LearnedAlpha(CoefficientSource):
     detached ``alpha`` -- the policy loss must not differentiate through it.
 
     Args:
-        init_alpha: initial ``alpha``, default 1e-3. ``> 0``. LM RL token-level bonuses live around 1e-4..1e-3.
+        init_alpha: initial ``alpha``, default 1e-3. ``> 0``. LM RL token-level bonuses are ~0 to 1e-4; 1e-3 is a
+            deliberately high start that the controller can only lower toward the target.
         target_entropy: absolute target ``H*`` in nats (``>= 0``). SAC uses ``-|A|`` for continuous actions
             (``-dim(A)``), ``0.98 log|A|`` for discrete ones -- both meaningless for LM vocabularies, hence:
         target_entropy_ratio: ``H* = ratio * H_0`` with ``H_0`` the entropy measured on the first

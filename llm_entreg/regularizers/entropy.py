@@ -25,7 +25,7 @@ Three formulations (``entropy_level``), and the algorithms they fit:
     reference, up to a constant). For GRPO the per-token bonus would have to be summed into the sequence
     reward before group normalisation, which changes its scale -- prefer ``"token"`` there.
 
-Coefficient values from the literature: PPO (Atari/MuJoCo) ``entropy_coef = 0.01``; LM RL uses ``0`` to
+Coefficient values from the literature: PPO on Atari ``entropy_coef = 0.01`` (0 on MuJoCo); LM RL uses ``0`` to
 ``1e-4`` for a constant token-level bonus (vocabularies are large, entropy collapses or explodes easily),
 or a controller (:mod:`.controllers`). A negative coefficient *minimises* entropy; it is refused unless
 ``allow_entropy_minimization=True``.

@@ -59,35 +59,34 @@ class EntropyDPOTrainer(EntropyRegularizationMixin, DPOTrainer):
             super().__init__(*args, **kwargs)
         self._entropy_setup()
 
+    def _entropy_rows(self, batch_rows: int) -> slice:
+        """Rows of a DPO batch (chosen first, then rejected) that the bonus sees."""
+        half = batch_rows // 2
+        return {"chosen": slice(0, half), "rejected": slice(half, None), "both": slice(None)}[self.args.entropy_on]
+
     def _entropy_mask(self, inputs) -> torch.Tensor:
         mask = inputs["completion_mask"][..., 1:].bool()
-        half = mask.shape[0] // 2
-        on = self.args.entropy_on
-        if on == "chosen":
-            mask = torch.cat([mask[:half], torch.zeros_like(mask[half:])])
-        elif on == "rejected":
-            mask = torch.cat([torch.zeros_like(mask[:half]), mask[half:]])
-        return mask
+        return mask[self._entropy_rows(mask.shape[0])]
 
     def _compute_loss(self, model, inputs, return_outputs):
-        self._entropy_captured.clear()
-        result = super()._compute_loss(model, inputs, return_outputs)
+        with self._entropy_capture_window() as captured:
+            result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = (result if return_outputs else (result, None))
-        if not self._entropy_captured:  # pragma: no cover - would mean TRL stopped calling the fused head
+        if not captured:  # pragma: no cover - would mean TRL stopped calling the fused head
             raise RuntimeError("the fused LM head was not called; cannot read the policy entropy")
-        policy_out = self._entropy_captured[0]  # the policy runs first; a PEFT reference pass may follow
-        self._entropy_captured.clear()
+        policy_out = captured[0]  # the policy runs first; a PEFT reference pass (adapters disabled) may follow
+        captured.clear()
         mode = "train" if self.model.training else "eval"
-        mask = self._entropy_mask(inputs)
-        entropy = policy_out.entropy[:, -mask.shape[1]:]
-        self._entropy_check_finite(loss, entropy, mask)
-        half = mask.shape[0] // 2
         completion = inputs["completion_mask"][..., 1:].bool()
+        entropy = policy_out.entropy[:, -completion.shape[1]:]
+        self._entropy_check_finite(loss, entropy, completion)
+        half = completion.shape[0] // 2
         with torch.no_grad():
             for name, rows in (("chosen", slice(0, half)), ("rejected", slice(half, None))):
                 h = (entropy[rows].detach() * completion[rows]).sum()
                 n = completion[rows].sum()
                 h, n = self.accelerator.gather_for_metrics(torch.stack([h.float(), n.float()]).reshape(1, 2)).sum(0)
                 self._metrics[mode][f"entropy/{name}"].append((h / n).item() if n > 0 else 0.0)
-        loss = loss + self._entropy_loss(entropy, mask, mode)
+        rows = self._entropy_rows(completion.shape[0])
+        loss = loss + self._entropy_loss(entropy[rows], completion[rows], mode)
         return (loss, outputs) if return_outputs else loss

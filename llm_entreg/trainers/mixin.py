@@ -98,7 +98,38 @@ class EntropyRegularizationArguments:
         default="auto", metadata={"help": "Kernel backend for the fused LM head: auto, chunked, triton, torch."}
     )
 
+    # The regularizers name their own parameters; a config user must read the config field instead.
+    _FIELD_NAMES = {
+        "loss_agg_mode": "entropy_loss_agg_mode",
+        "top_entropy_quantile": "entropy_bonus_top_quantile",
+        "entropy_level": "entropy_level",
+        "schedule": "entropy_schedule",
+        "start": "entropy_coef",
+        "end": "entropy_coef_end",
+        "total_steps": "entropy_schedule_steps",
+        "warmup_steps": "entropy_warmup_steps",
+        "controller": "entropy_controller",
+        "target_entropy": "entropy_target",
+        "target_entropy_ratio": "entropy_target_ratio",
+        "init_alpha": "entropy_coef",
+        "lr": "entropy_alpha_lr",
+    }
+
+    @contextmanager
+    def _config_field_names(self):
+        try:
+            yield
+        except ValueError as exc:
+            name, sep, rest = str(exc).partition(":")
+            if sep and name in self._FIELD_NAMES:
+                raise ValueError(f"{self._FIELD_NAMES[name]}:{rest}") from exc
+            raise
+
     def build_entropy_bonus(self) -> EntropyBonus:
+        with self._config_field_names():
+            return self._build_entropy_bonus()
+
+    def _build_entropy_bonus(self) -> EntropyBonus:
         return EntropyBonus(
             entropy_coef=self.entropy_coef,
             entropy_level=self.entropy_level,
@@ -108,6 +139,10 @@ class EntropyRegularizationArguments:
         )
 
     def build_entropy_coefficient(self, max_steps: int | None = None):
+        with self._config_field_names():
+            return self._build_entropy_coefficient(max_steps)
+
+    def _build_entropy_coefficient(self, max_steps: int | None = None):
         schedule_kwargs = controller_kwargs = None
         if self.entropy_schedule is not None:
             total = self.entropy_schedule_steps or max_steps
@@ -123,6 +158,8 @@ class EntropyRegularizationArguments:
             )
         elif self.entropy_controller in ("learned_alpha", "sac"):
             controller_kwargs = dict(lr=self.entropy_alpha_lr)
+            if self.entropy_target is not None and self.entropy_target_ratio is not None:
+                raise ValueError("entropy_target_ratio: give entropy_target or entropy_target_ratio, not both")
             if self.entropy_target is not None:
                 controller_kwargs["target_entropy"] = self.entropy_target
             else:
@@ -142,7 +179,9 @@ class EntropyRegularizationArguments:
             raise ValueError(f"fused_head_backend: expected one of {BACKENDS}, got {self.fused_head_backend!r}")
         self.build_entropy_bonus()
         max_steps = getattr(self, "max_steps", None)
-        self.build_entropy_coefficient(max_steps if (max_steps or 0) > 0 else 10**9)
+        if self.entropy_schedule is not None and not self.entropy_schedule_steps and not (max_steps or 0) > 0:
+            raise ValueError("entropy_schedule_steps: required for a schedule when max_steps is not set (> 0)")
+        self.build_entropy_coefficient(max_steps if (max_steps or 0) > 0 else None)
 
 
 class _StepCallback(TrainerCallback):
@@ -173,6 +212,7 @@ class EntropyRegularizationMixin:
         outputs are captured for the bonus.
         """
         self._entropy_captured = []
+        self._entropy_capturing = False
         original = trainer_module.add_fused_lm_head
         calls = []
 
@@ -202,7 +242,18 @@ class EntropyRegularizationMixin:
         self.add_callback(_StepCallback(self))
 
     def _entropy_capture(self, output) -> None:
-        self._entropy_captured.append(output)
+        if self._entropy_capturing:  # only inside the loss computation (not e.g. reference precomputation)
+            self._entropy_captured.append(output)
+
+    @contextmanager
+    def _entropy_capture_window(self):
+        """Collect the fused head's outputs while the parent computes one loss; yields the list."""
+        self._entropy_captured.clear()
+        self._entropy_capturing = True
+        try:
+            yield self._entropy_captured
+        finally:
+            self._entropy_capturing = False
 
     # ------------------------------------------------------------------ what subclasses provide
     def _entropy_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -265,7 +316,7 @@ class EntropyRegularizationMixin:
             where = ""
             if self.model.training:
                 self._save_checkpoint(self.model, trial=None)
-                where = f"; last good weights saved to {os.path.join(self.args.output_dir, f'checkpoint-{step}')}"
+                where = f"; the weights of this step were saved to {os.path.join(self.args.output_dir, f'checkpoint-{step}')}"
             raise NonFiniteLossError(f"step {step}: the loss or the policy entropy is NaN/inf{where}")
 
     # ------------------------------------------------------------------ per optimizer step
@@ -298,9 +349,14 @@ class EntropyRegularizationMixin:
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-            self.entropy_coefficient.load_state_dict(state["coefficient"])
+            restored = self.args.build_entropy_coefficient(self.args.max_steps if self.args.max_steps > 0 else None)
+            restored.load_state_dict(state["coefficient"])
         except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
             raise ValueError(f"{path}: corrupt or incompatible entropy-coefficient state ({exc})") from exc
+        if restored.kind == "constant":
+            # A constant β has no trajectory to continue: the configured value wins (a resumed run may change it)
+            return
+        self.entropy_coefficient = restored
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:

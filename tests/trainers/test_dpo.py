@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -131,5 +132,73 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path):
         EntropyDPOConfig(**_common(tmp_path), entropy_level="reward")
     with pytest.raises(ValueError, match="fused_head_backend"):
         EntropyDPOConfig(**_common(tmp_path), fused_head_backend="cuda")
-    with pytest.raises(ValueError, match="controller"):
+    with pytest.raises(ValueError, match="^entropy_controller"):
         EntropyDPOConfig(**_common(tmp_path), entropy_controller="pid")
+    # The regularizers' own parameter names are translated to the config fields a user sets
+    with pytest.raises(ValueError, match="^entropy_loss_agg_mode"):
+        EntropyDPOConfig(**_common(tmp_path), entropy_loss_agg_mode="token-sum")
+    with pytest.raises(ValueError, match="^entropy_bonus_top_quantile"):
+        EntropyDPOConfig(**_common(tmp_path), entropy_bonus_top_quantile=1.5)
+    with pytest.raises(ValueError, match="^entropy_warmup_steps"):
+        EntropyDPOConfig(**_common(tmp_path), entropy_schedule="linear", entropy_coef=0.1, entropy_warmup_steps=5)
+    with pytest.raises(ValueError, match="^entropy_schedule_steps"):
+        EntropyDPOConfig(**_common(tmp_path, max_steps=-1), entropy_schedule="cosine", entropy_coef=0.1)
+    with pytest.raises(ValueError, match="^entropy_target_ratio"):
+        EntropyDPOConfig(**_common(tmp_path), entropy_controller="learned_alpha", entropy_coef=1e-3,
+                         entropy_target=0.3, entropy_target_ratio=0.5)
+
+
+def test_lora_reference_is_the_adapter_free_model(setup, tmp_path):
+    """With PEFT, TRL's reference is the model with adapters disabled: β = 0 equals TRL, β > 0 trains only LoRA."""
+    from peft import LoraConfig
+
+    tok, data, model = setup
+
+    def lora():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+
+    def make(cls, config_cls, **kw):
+        return cls(model=copy.deepcopy(model), args=config_cls(**_common(tmp_path, **kw)), train_dataset=data,
+                   processing_class=tok, peft_config=lora())
+
+    ours, theirs = make(EntropyDPOTrainer, EntropyDPOConfig, entropy_coef=0.0), make(DPOTrainer, DPOConfig)
+    assert ours.ref_model is None and theirs.ref_model is None
+    inputs = _first_batch(theirs)
+    loss_o, grads_o = _loss_and_grads(ours, inputs)
+    loss_t, grads_t = _loss_and_grads(theirs, inputs)
+    torch.testing.assert_close(loss_o, loss_t, atol=1e-6, rtol=1e-6)
+    assert grads_o.keys() == grads_t.keys() and all("lora" in n for n in grads_o)
+    for name in grads_t:
+        torch.testing.assert_close(grads_o[name], grads_t[name], atol=1e-6, rtol=1e-4, msg=name)
+
+    bonus = make(EntropyDPOTrainer, EntropyDPOConfig, entropy_coef=0.5, max_steps=2, learning_rate=1e-2)
+    frozen = {n: p.detach().clone() for n, p in bonus.model.named_parameters() if "lora" not in n}
+    bonus.train()
+    logged = [r for r in bonus.state.log_history if "entropy_bonus" in r]
+    assert logged and all(math.isfinite(r["loss"]) and r["entropy_bonus"] > 0 for r in logged)
+    for n, p in bonus.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_precomputed_reference_log_probs(setup, tmp_path):
+    """precompute_ref_log_probs=True: the reference pass runs before training; the bonus still sees the policy."""
+    tok, data, model = setup
+    ours = EntropyDPOTrainer(
+        model=copy.deepcopy(model), args=EntropyDPOConfig(**_common(tmp_path, entropy_coef=0.2,
+                                                                    precompute_ref_log_probs=True, max_steps=2)),
+        train_dataset=data, processing_class=tok,
+    )
+    assert ours.ref_model is None and "ref_chosen_logps" in ours.train_dataset.column_names
+    assert ours._entropy_captured == []  # the precomputation's outputs were not kept
+    inputs = _first_batch(ours)
+    _, grads = _loss_and_grads(ours, inputs)
+    plain = EntropyDPOTrainer(
+        model=copy.deepcopy(model), args=EntropyDPOConfig(**_common(tmp_path, entropy_coef=0.0,
+                                                                    precompute_ref_log_probs=True, max_steps=2)),
+        train_dataset=data, processing_class=tok,
+    )
+    _, grads0 = _loss_and_grads(plain, inputs)
+    assert any(not torch.allclose(grads[n], grads0[n]) for n in grads)  # the bonus changed the gradient
+    ours.train()
+    assert all(math.isfinite(r["loss"]) for r in ours.state.log_history if "loss" in r)

@@ -1,0 +1,318 @@
+"""Synthetic tasks with a verifiable answer, and the datasets built from them (TRL's standard text format).
+
+Tasks (``TaskSpec.task``):
+
+- ``"add"``: ``"12+7="`` -> ``"19"``; operands are integers in ``[0, max_operand]``.
+- ``"reverse"``: ``"rev:abc="`` -> ``"cba"``; lower-case strings of ``rev_min_len..rev_max_len`` letters.
+- ``"mix"``: both, in every split.
+
+Every problem's answer can be recomputed from its prompt (:func:`solve`), which is what the reward functions do when
+no ``answer`` column reaches them.
+
+Splits: the pool of distinct problems (all operand pairs for ``add``; ``rev_pool_size`` distinct strings for
+``reverse``) is shuffled with the seed and cut into ``validation`` (``n_validation``), ``test`` (``n_test``) and
+``train`` (the rest), so the three are disjoint by prompt. Everything is a pure function of ``(spec, seed)``: the
+same call gives the same datasets on every machine (string-seeded :class:`random.Random`, no hash randomisation).
+
+Dataset formats (columns):
+
+- SFT: ``prompt``, ``completion`` (no ``<eos>``: TRL appends it);
+- preference (DPO): ``prompt``, ``chosen`` (the correct answer), ``rejected`` (a plausible wrong answer: off by one,
+  a carry error, swapped digits, ... for ``add``; the unreversed string, two swapped letters, a dropped or changed
+  letter for ``reverse``), no ``<eos>``;
+- prompts (GRPO / PPO): ``prompt``, ``answer``, ``task`` (extra columns reach GRPO reward functions as kwargs);
+  :func:`tokenize_prompts` adds ``input_ids`` for trainers that want them pre-tokenized.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass, field
+
+from datasets import Dataset
+
+TASKS = ("add", "reverse", "mix")
+SPLITS = ("train", "validation", "test")
+
+_ADD_RE = re.compile(r"^(\d+)\+(\d+)=$")
+_REV_RE = re.compile(r"^rev:([a-z]+)=$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which synthetic task, and its sizes.
+
+    Args:
+        task: ``"add"`` (default), ``"reverse"`` or ``"mix"``.
+        max_operand: ``add`` operands are drawn from ``[0, max_operand]``; default 99 (10,000 distinct problems).
+        rev_min_len, rev_max_len: ``reverse`` string lengths (inclusive); default 3..6.
+        rev_alphabet: letters of the ``reverse`` strings; default ``"abcdefghij"``.
+        rev_pool_size: number of distinct ``reverse`` problems; default 6000.
+        n_validation, n_test: held-out problems per task; default 256 each.
+    """
+
+    task: str = "add"
+    max_operand: int = 99
+    rev_min_len: int = 3
+    rev_max_len: int = 6
+    rev_alphabet: str = "abcdefghij"
+    rev_pool_size: int = 6000
+    n_validation: int = 256
+    n_test: int = 256
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
+        if not isinstance(self.max_operand, int) or self.max_operand < 3:
+            raise ValueError(f"max_operand: expected an int >= 3, got {self.max_operand!r}")
+        if not 1 <= self.rev_min_len <= self.rev_max_len:
+            raise ValueError(
+                f"rev_min_len/rev_max_len: need 1 <= min <= max, got {self.rev_min_len}..{self.rev_max_len}"
+            )
+        if len(set(self.rev_alphabet)) < 2 or not re.fullmatch(r"[a-z]+", self.rev_alphabet):
+            raise ValueError(f"rev_alphabet: need >= 2 distinct lower-case letters, got {self.rev_alphabet!r}")
+        for name in ("n_validation", "n_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        need = self.n_validation + self.n_test + 1
+        if self.task in ("add", "mix") and (self.max_operand + 1) ** 2 < need:
+            raise ValueError(f"max_operand: {self.max_operand} gives too few problems for the held-out splits")
+        if self.task in ("reverse", "mix"):
+            space = sum(len(set(self.rev_alphabet)) ** n for n in range(self.rev_min_len, self.rev_max_len + 1))
+            if self.rev_pool_size < need or self.rev_pool_size > space // 2:
+                raise ValueError(
+                    f"rev_pool_size: need {need} <= rev_pool_size <= {space // 2} (half the string space), "
+                    f"got {self.rev_pool_size}"
+                )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: ``prompt`` (ends with ``=``), its correct ``answer``, and the ``task`` it belongs to."""
+
+    task: str
+    prompt: str
+    answer: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Problems and answers
+
+
+def add_prompt(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def reverse_prompt(s: str) -> str:
+    return f"rev:{s}="
+
+
+def task_of(prompt: str) -> str | None:
+    """``"add"``, ``"reverse"`` or None (not a prompt of a built-in task)."""
+    if _ADD_RE.match(prompt):
+        return "add"
+    if _REV_RE.match(prompt):
+        return "reverse"
+    return None
+
+
+def solve(prompt: str) -> str | None:
+    """The correct answer of a built-in task's prompt, recomputed from the prompt itself (None if unknown)."""
+    m = _ADD_RE.match(prompt)
+    if m:
+        return str(int(m.group(1)) + int(m.group(2)))
+    m = _REV_RE.match(prompt)
+    if m:
+        return m.group(1)[::-1]
+    return None
+
+
+def _rng(seed: int, purpose: str) -> random.Random:
+    # String seeds are hashed with SHA-512 by random.Random: stable across processes and machines.
+    return random.Random(f"llm_entreg.tasks:{seed}:{purpose}")
+
+
+def _add_pool(spec: TaskSpec, seed: int) -> list[Problem]:
+    n = spec.max_operand + 1
+    pool = [Problem("add", add_prompt(a, b), str(a + b)) for a in range(n) for b in range(n)]
+    _rng(seed, "pool:add").shuffle(pool)
+    return pool
+
+
+def _reverse_pool(spec: TaskSpec, seed: int) -> list[Problem]:
+    rng = _rng(seed, "pool:reverse")
+    alphabet = sorted(set(spec.rev_alphabet))
+    seen: set[str] = set()
+    pool: list[Problem] = []
+    while len(pool) < spec.rev_pool_size:
+        length = rng.randint(spec.rev_min_len, spec.rev_max_len)
+        s = "".join(rng.choice(alphabet) for _ in range(length))
+        if s in seen:
+            continue
+        seen.add(s)
+        pool.append(Problem("reverse", reverse_prompt(s), s[::-1]))
+    return pool
+
+
+def make_splits(spec: TaskSpec | None = None, seed: int = 0) -> dict[str, list[Problem]]:
+    """Disjoint ``train`` / ``validation`` / ``test`` problem lists (deterministic in ``spec`` and ``seed``).
+
+    For ``mix`` each split holds both tasks (``n_validation`` / ``n_test`` of each), interleaved deterministically.
+    """
+    spec = spec or TaskSpec()
+    pools = []
+    if spec.task in ("add", "mix"):
+        pools.append(_add_pool(spec, seed))
+    if spec.task in ("reverse", "mix"):
+        pools.append(_reverse_pool(spec, seed))
+    splits: dict[str, list[Problem]] = {name: [] for name in SPLITS}
+    for pool in pools:
+        nv, nt = spec.n_validation, spec.n_test
+        splits["validation"] += pool[:nv]
+        splits["test"] += pool[nv : nv + nt]
+        splits["train"] += pool[nv + nt :]
+    if len(pools) > 1:
+        for name in SPLITS:
+            _rng(seed, f"mix:{name}").shuffle(splits[name])
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrong answers for preference pairs
+
+
+def _wrong_add(answer: str, rng: random.Random) -> str:
+    c = int(answer)
+    candidates = {c + 1, c - 1, c + 10, c - 10}  # off by one, carry dropped / spurious carry
+    if len(answer) > 1:
+        swapped = answer[:-2] + answer[-1] + answer[-2]  # last two digits swapped
+        if not swapped.startswith("0"):
+            candidates.add(int(swapped))
+    last = int(answer[-1])
+    candidates.add(c - last + rng.choice([d for d in range(10) if d != last]))  # wrong last digit
+    options = sorted(x for x in candidates if x >= 0 and x != c)
+    return str(rng.choice(options))
+
+
+def _wrong_reverse(answer: str, rng: random.Random, alphabet: str) -> str:
+    original = answer[::-1]
+    options = set()
+    if original != answer:
+        options.add(original)  # forgot to reverse
+    for i in range(len(answer) - 1):
+        if answer[i] != answer[i + 1]:
+            options.add(answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :])  # two neighbours swapped
+    if len(answer) > 1:
+        i = rng.randrange(len(answer))
+        options.add(answer[:i] + answer[i + 1 :])  # a letter dropped
+    i = rng.randrange(len(answer))
+    options.add(answer[:i] + rng.choice([ch for ch in alphabet if ch != answer[i]]) + answer[i + 1 :])  # changed
+    options.discard(answer)
+    return rng.choice(sorted(options))
+
+
+def wrong_answer(problem: Problem, rng: random.Random, spec: TaskSpec | None = None) -> str:
+    """A plausible wrong answer to ``problem`` (never equal to the correct answer)."""
+    if problem.task == "add":
+        return _wrong_add(problem.answer, rng)
+    if problem.task == "reverse":
+        alphabet = "".join(sorted(set((spec or TaskSpec()).rev_alphabet)))
+        return _wrong_reverse(problem.answer, rng, alphabet)
+    raise ValueError(f"problem.task: unknown task {problem.task!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _take(problems: list[Problem], n: int | None, seed: int, purpose: str) -> list[Problem]:
+    if n is None or n >= len(problems):
+        return list(problems)
+    if n < 0:
+        raise ValueError(f"n: expected a non-negative int or None, got {n}")
+    return _rng(seed, purpose).sample(problems, n)
+
+
+def sft_dataset(problems: list[Problem]) -> Dataset:
+    """Standard prompt-completion dataset: ``prompt``, ``completion`` (the correct answer, no ``<eos>``)."""
+    return Dataset.from_dict({"prompt": [p.prompt for p in problems], "completion": [p.answer for p in problems]})
+
+
+def preference_dataset(problems: list[Problem], seed: int = 0, spec: TaskSpec | None = None) -> Dataset:
+    """Standard preference dataset: ``prompt``, ``chosen`` (correct), ``rejected`` (plausible wrong); no ``<eos>``."""
+    rng = _rng(seed, "rejected")
+    rejected = [wrong_answer(p, rng, spec) for p in problems]
+    return Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in problems],
+            "chosen": [p.answer for p in problems],
+            "rejected": rejected,
+        }
+    )
+
+
+def prompt_dataset(problems: list[Problem]) -> Dataset:
+    """Prompt-only dataset for GRPO / PPO: ``prompt``, ``answer``, ``task``."""
+    return Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in problems],
+            "answer": [p.answer for p in problems],
+            "task": [p.task for p in problems],
+        }
+    )
+
+
+def tokenize_prompts(dataset: Dataset, tokenizer) -> Dataset:
+    """Add an ``input_ids`` column (``<bos>`` + prompt, no padding) for trainers that take pre-tokenized prompts."""
+    return dataset.map(lambda batch: {"input_ids": tokenizer(batch["prompt"])["input_ids"]}, batched=True)
+
+
+def problems_from_dataset(dataset) -> list[Problem]:
+    """Problems back from any dataset with a ``prompt`` column (answers recomputed when there is no ``answer``)."""
+    prompts = list(dataset["prompt"])
+    columns = getattr(dataset, "column_names", None) or list(dataset.keys())
+    answers = list(dataset["answer"]) if "answer" in columns else [solve(p) for p in prompts]
+    out = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        if answer is None:
+            raise ValueError(f"dataset: prompt {prompt!r} has no answer column and is not a built-in task prompt")
+        out.append(Problem(task_of(prompt) or "custom", prompt, answer))
+    return out
+
+
+@dataclass
+class TaskDatasets:
+    """All datasets of one ``(spec, seed)``: problem splits plus SFT / preference / prompt datasets per split."""
+
+    spec: TaskSpec
+    seed: int
+    problems: dict[str, list[Problem]]
+    sft: dict[str, Dataset] = field(default_factory=dict)
+    preference: dict[str, Dataset] = field(default_factory=dict)
+    prompts: dict[str, Dataset] = field(default_factory=dict)
+
+
+def build_datasets(
+    spec: TaskSpec | None = None,
+    seed: int = 0,
+    n_sft: int | None = None,
+    n_preference: int | None = 2048,
+    n_prompts: int | None = 2048,
+) -> TaskDatasets:
+    """Build every dataset of the task. ``n_*`` subsample the train split (None: all of it); held-out splits are
+    used whole. Subsamples are deterministic in ``seed``."""
+    spec = spec or TaskSpec()
+    splits = make_splits(spec, seed)
+    out = TaskDatasets(spec=spec, seed=seed, problems=splits)
+    for name, problems in splits.items():
+        is_train = name == "train"
+        out.sft[name] = sft_dataset(_take(problems, n_sft, seed, "sft") if is_train else problems)
+        out.preference[name] = preference_dataset(
+            _take(problems, n_preference, seed, "preference") if is_train else problems, seed=seed, spec=spec
+        )
+        out.prompts[name] = prompt_dataset(_take(problems, n_prompts, seed, "prompts") if is_train else problems)
+    return out

@@ -1,0 +1,90 @@
+"""scripts/bench_entropy.py / llm_entreg.bench: the --quick run writes its JSON + markdown, every implementation
+passes its correctness guard, times and memory figures are real numbers; a broken implementation is never timed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_entreg import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(argv, log=lambda s: None):
+    return bench.run_bench(bench.build_parser().parse_args(argv), argv, log=log)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_results_and_every_impl_passes(tmp_path):
+    impls = "naive,trl_chunked,ours_chunked,ours_torch,ours_triton,liger,ours_chunked@32x512"
+    report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", impls, "--mem-jobs", "5"])
+
+    json_path, md_path = Path(report["files"]["json"]), Path(report["files"]["markdown"])
+    assert json_path.parent == tmp_path and json_path.is_file() and md_path.is_file()
+    on_disk = json.loads(json_path.read_text())
+    assert on_disk["config"]["quick"] and on_disk["meta"]["torch"] == torch.__version__
+    assert on_disk["meta"]["trl"] and on_disk["device"]["cpu_model"] and on_disk["meta"]["date_utc"]
+    md = md_path.read_text()
+
+    results = on_disk["results"]
+    ran = ["naive", "trl_chunked", "ours_chunked", "ours_torch", "ours_chunked@32x512"]
+    assert results["ours_triton"]["status"] == "skipped" and "CUDA" in results["ours_triton"]["reason"]
+    if results["liger"]["status"] == "skipped":
+        assert results["liger"]["reason"]
+    for spec in ran:
+        res = results[spec]
+        assert res["status"] == "ok", (spec, res)
+        assert res["check"]["passed"], (spec, res["check"])
+        assert res["check"]["max_abs_diff_logprobs"] < 1e-3 and res["check"]["max_abs_diff_entropy"] < 1e-3
+        for mode in ("fwd", "fwdbwd"):
+            times = res[mode]["times_s"]
+            assert len(times) == on_disk["config"]["repeats"] and all(t > 0 for t in times)
+            assert res[mode]["min_s"] <= res[mode]["median_s"] <= res[mode]["max_s"]
+            assert res[mode]["tflops"] > 0
+        mem = res["memory"]["fwdbwd"]
+        assert mem["status"] == "ok", (spec, mem)
+        assert mem["peak_extra_bytes"] >= 0 and mem["grad_bytes"] == (128 * 64 + 3001 * 64) * 4
+        assert f"| {spec} | ok " in md
+    ratios = on_disk["ratios"]
+    assert ratios["trl_chunked"]["fwdbwd_time_vs_trl_chunked"] == pytest.approx(1.0)
+    assert ratios["ours_chunked"]["fwdbwd_time_vs_trl_chunked"] > 0
+    assert ratios["ours_chunked"]["fwdbwd_mem_vs_naive"] is not None
+    assert "Ratios" in md
+
+
+def test_broken_implementation_fails_the_guard_and_is_not_timed(tmp_path, monkeypatch):
+    real = bench.resolve_impl
+
+    def resolve(spec, device, token_chunk=None, vocab_chunk=None):
+        impl, reason = real(spec, device, token_chunk, vocab_chunk)
+        if spec == "ours_chunked":
+            good = impl.fn
+            impl.fn = lambda h, w, t: (lambda lp, ent: (lp, ent + 0.01))(*good(h, w, t))
+        return impl, reason
+
+    monkeypatch.setattr(bench, "resolve_impl", resolve)
+    report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive,ours_chunked",
+                   "--memory", "off", "--repeats", "1", "--warmup", "0"])
+    bad = report["results"]["ours_chunked"]
+    assert bad["status"] == "check_failed" and not bad["check"]["passed"]
+    assert bad["check"]["max_abs_diff_entropy"] == pytest.approx(0.01, rel=1e-2)
+    assert "fwd" not in bad and "fwdbwd" not in bad
+    assert report["results"]["naive"]["fwd"]["median_s"] > 0
+    assert "FAILED" in Path(report["files"]["markdown"]).read_text()
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="--impls"):
+        bench.resolve_impl("fastest", torch.device("cpu"))
+
+
+def test_script_help_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_entropy.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--quick" in proc.stdout and "--impls" in proc.stdout
