@@ -20,6 +20,43 @@ from .recipes import config_class
 
 # TRL's DPOTrainer also takes the "implicit prompt" format (the prompt inside chosen/rejected), so prompt is optional
 PREFERENCE_COLUMNS = ("chosen", "rejected")
+PROMPT_COLUMNS = ("prompt",)
+
+
+def _columns(algorithm: str) -> tuple[str, ...]:
+    return PREFERENCE_COLUMNS if algorithm == "dpo" else PROMPT_COLUMNS
+
+
+def _embedded_split(default, algorithm: str, split: str):
+    return (default.datasets.preference if algorithm == "dpo" else default.datasets.prompts)[split]
+
+
+def resolve_reward_funcs(spec: dict) -> tuple[list, list[float] | None]:
+    """Reward functions from names (the embedded task's) or ``package.module:function`` import paths."""
+    import importlib
+
+    from .tasks import REWARD_FUNCS
+
+    funcs = []
+    for name in spec.get("funcs") or []:
+        if callable(name):
+            funcs.append(name)
+        elif ":" in str(name):
+            module, _, attr = str(name).partition(":")
+            try:
+                funcs.append(getattr(importlib.import_module(module), attr))
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"rewards.funcs: cannot import {name!r} ({exc})") from exc
+        elif name in REWARD_FUNCS:
+            funcs.append(REWARD_FUNCS[name])
+        else:
+            raise ValueError(f"rewards.funcs: unknown {name!r}; use one of {sorted(REWARD_FUNCS)} or module:function")
+    if not funcs:
+        raise ValueError("rewards.funcs: a GRPO recipe needs at least one reward function")
+    weights = spec.get("weights")
+    if weights is not None and len(weights) != len(funcs):
+        raise ValueError(f"rewards.weights: expected {len(funcs)} weights, got {len(weights)}")
+    return funcs, weights
 
 
 class MetricsWriter(TrainerCallback):
@@ -117,8 +154,13 @@ def build(recipe: dict, log=print) -> dict[str, Any]:
     name = pieces["default"].model_path if model_cfg["name_or_path"] == "embedded" else model_cfg["name_or_path"]
     pieces["model"] = _load_model(name, "model.name_or_path", model_cfg.get("dtype"))
     pieces["tokenizer"] = _load_tokenizer(name)
+    algorithm = recipe["algorithm"]
+    columns = _columns(algorithm)
     ref = model_cfg.get("ref_name_or_path")
-    if ref is None:
+    if algorithm == "grpo":
+        pieces["ref_model"] = None  # TRL's GRPOTrainer builds its own reference when beta != 0
+        pieces["reward_funcs"], pieces["reward_weights"] = resolve_reward_funcs(recipe["rewards"])
+    elif ref is None:
         import copy
 
         pieces["ref_model"] = copy.deepcopy(pieces["model"])
@@ -127,17 +169,16 @@ def build(recipe: dict, log=print) -> dict[str, Any]:
                                           "model.ref_name_or_path", model_cfg.get("dtype"))
     limit_train, limit_eval = data.get("max_train_samples"), data.get("max_eval_samples")
     if data["train"] == "embedded":
-        pieces["train"] = _check_columns(pieces["default"].datasets.preference[data["train_split"]],
-                                         PREFERENCE_COLUMNS, "data.train (embedded)", limit_train)
+        pieces["train"] = _check_columns(_embedded_split(pieces["default"], algorithm, data["train_split"]),
+                                         columns, "data.train (embedded)", limit_train)
     else:
-        pieces["train"] = _load_dataset(data["train"], data["train_split"], "data.train", PREFERENCE_COLUMNS,
-                                        limit_train)
+        pieces["train"] = _load_dataset(data["train"], data["train_split"], "data.train", columns, limit_train)
     pieces["eval"] = None
     if data.get("eval") == "embedded":
-        pieces["eval"] = _check_columns(pieces["default"].datasets.preference[data["eval_split"]],
-                                        PREFERENCE_COLUMNS, "data.eval (embedded)", limit_eval)
+        pieces["eval"] = _check_columns(_embedded_split(pieces["default"], algorithm, data["eval_split"]),
+                                        columns, "data.eval (embedded)", limit_eval)
     elif data.get("eval"):
-        pieces["eval"] = _load_dataset(data["eval"], data["eval_split"], "data.eval", PREFERENCE_COLUMNS, limit_eval)
+        pieces["eval"] = _load_dataset(data["eval"], data["eval_split"], "data.eval", columns, limit_eval)
     return pieces
 
 
@@ -161,13 +202,16 @@ def make_trainer(recipe: dict, pieces: dict, callbacks=()):
     trainer_args = dict(recipe["trainer"])
     trainer_args.setdefault("seed", recipe["seed"])
     trainer_args.setdefault("report_to", [])
+    if recipe["algorithm"] == "grpo" and pieces.get("reward_weights") is not None:
+        trainer_args.setdefault("reward_weights", pieces["reward_weights"])
     config = config_class(recipe["algorithm"])(**trainer_args)
-    from .trainers import EntropyDPOTrainer
+    from .trainers import EntropyDPOTrainer, EntropyGRPOTrainer
 
-    return EntropyDPOTrainer(
-        model=pieces["model"], ref_model=pieces["ref_model"], args=config, train_dataset=pieces["train"],
-        eval_dataset=pieces["eval"], processing_class=pieces["tokenizer"], callbacks=list(callbacks),
-    )
+    common = dict(args=config, train_dataset=pieces["train"], eval_dataset=pieces["eval"],
+                  processing_class=pieces["tokenizer"], callbacks=list(callbacks))
+    if recipe["algorithm"] == "grpo":
+        return EntropyGRPOTrainer(model=pieces["model"], reward_funcs=pieces["reward_funcs"], **common)
+    return EntropyDPOTrainer(model=pieces["model"], ref_model=pieces["ref_model"], **common)
 
 
 def run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict[str, Any]:
@@ -214,7 +258,7 @@ def _curve_summary(history: list[dict]) -> dict[str, Any]:
 
     out = {}
     for key in ("loss", "entropy", "entropy_coef", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-                "logps/chosen"):
+                "logps/chosen", "reward", "kl"):
         start, end = first_last(key)
         if start is not None:
             out[key] = {"start": start, "end": end}
@@ -231,7 +275,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"done: {summary['steps']} steps in {summary['train_seconds']} s -> {summary['output_dir']}"]
     train = summary["train"]
     for key, label in (("entropy", "entropy (train, nats/token)"), ("loss", "loss"),
-                       ("rewards/accuracies", "DPO reward accuracy"), ("rewards/margins", "DPO reward margin")):
+                       ("rewards/accuracies", "DPO reward accuracy"), ("rewards/margins", "DPO reward margin"),
+                       ("reward", "mean reward (train)"), ("kl", "KL to reference (train)")):
         if key in train:
             lines.append(f"  {label}: {train[key]['start']:.4g} -> {train[key]['end']:.4g}")
     if "rewards/chosen" in train and "logps/chosen" in train:

@@ -204,12 +204,13 @@ class EntropyRegularizationMixin:
 
     # ------------------------------------------------------------------ set-up
     @contextmanager
-    def _our_fused_head(self, trainer_module, backend: str):
+    def _our_fused_head(self, trainer_module, backend: str, capture_outputs: bool = True):
         """While the TRL parent's ``__init__`` runs, its calls to ``add_fused_lm_head`` install our head instead.
 
         Same arguments, same place in TRL's set-up (before accelerate wraps the models for autocast), so the
         parent behaves exactly as it would with its own head. The first call patches the policy: only its
-        outputs are captured for the bonus.
+        outputs are captured for the bonus (unless ``capture_outputs`` is False: the subclass captures the entropy
+        elsewhere).
         """
         self._entropy_captured = []
         self._entropy_capturing = False
@@ -217,7 +218,7 @@ class EntropyRegularizationMixin:
         calls = []
 
         def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
-            on_output = self._entropy_capture if not calls else None
+            on_output = self._entropy_capture if (capture_outputs and not calls) else None
             calls.append(model)
             install_fused_head(
                 model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs,
@@ -256,6 +257,13 @@ class EntropyRegularizationMixin:
             self._entropy_capturing = False
 
     # ------------------------------------------------------------------ what subclasses provide
+    #: Whether HF ``Trainer.training_step`` divides this trainer's loss by the GA steps (DPO: yes; GRPO: no, its
+    #: loss is already scaled for gradient accumulation).
+    _trainer_divides_loss_by_ga: bool = True
+    #: Whether the global counts come from the data loader's accumulation window (:meth:`get_batch_samples`);
+    #: trainers that generate their batches (GRPO) set ``_entropy_window_counts`` themselves instead.
+    _counts_from_batch_samples: bool = True
+
     def _entropy_mask(self, inputs: dict[str, Any]) -> torch.Tensor:
         """``[B, T]`` mask (aligned with the fused head's per-token outputs) of the tokens the bonus sees."""
         raise NotImplementedError
@@ -263,7 +271,7 @@ class EntropyRegularizationMixin:
     # ------------------------------------------------------------------ global normalizer
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if batch_samples:
+        if batch_samples and self._counts_from_batch_samples:
             masks = [self._entropy_mask(b).to(device) for b in batch_samples]
             tokens = sum(m.sum() for m in masks).to(torch.float64)
             seqs = torch.tensor(float(sum(m.shape[0] for m in masks)), dtype=torch.float64, device=device)
@@ -279,15 +287,18 @@ class EntropyRegularizationMixin:
         agg_kwargs: dict[str, Any] = {}
         if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
             agg_kwargs["max_len"] = self._entropy_max_len(mask)
-        scale = 1.0
+        # The framework later divides the loss by `divisor` and DDP averages over ranks. With global counts each
+        # micro-batch contributes sum_local / N_global, scaled back up by W * divisor; without them (eval, or a
+        # top-entropy quantile whose token set is only known per micro-batch) the term is the micro-batch
+        # aggregate, averaged over the accumulation window like the parent's own loss.
+        ga = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+        divisor = ga if self._trainer_divides_loss_by_ga else 1
+        scale = divisor / ga
         global_counts = mode == "train" and self._entropy_window_counts is not None
         if global_counts and self.entropy_bonus.top_entropy_quantile == 1.0:
             tokens, seqs = self._entropy_window_counts
             agg_kwargs.update(global_token_count=tokens.to(entropy.device), global_seq_count=seqs.to(entropy.device))
-            scale = global_mean_loss_scale(
-                self.accelerator.num_processes,
-                framework_loss_divisor=getattr(self, "current_gradient_accumulation_steps", 1),
-            )
+            scale = global_mean_loss_scale(self.accelerator.num_processes, framework_loss_divisor=divisor)
         term = self.entropy_bonus.loss_term(entropy, mask, coef, **agg_kwargs)
         # Metrics: the unscaled local value of beta * agg(H), and the measured entropy for the controllers
         with torch.no_grad():

@@ -1,0 +1,104 @@
+"""EntropyGRPOTrainer: TRL's GRPO with our entropy regularizers as the single source of the entropy term.
+
+TRL's GRPOTrainer has an entropy bonus of its own (``entropy_coef``, ``use_adaptive_entropy``). Here the same field
+names feed our regularizers instead (token or sequence level, schedules, target-entropy controller, learned α,
+global aggregation), and TRL's own bonus is switched off, so the term is applied exactly once. The KL-to-reference
+penalty stays TRL's (``beta``, k3 in the loss). Only ``_compute_loss`` is wrapped: the per-token entropies that
+TRL's fused-head call already returns (with their graph) are captured, and ``-β · agg(H)`` is added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer import grpo_trainer as trl_grpo_module
+
+from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin
+
+
+@dataclass
+class EntropyGRPOConfig(EntropyRegularizationArguments, GRPOConfig):
+    """``trl.GRPOConfig`` whose entropy fields are ours (see :class:`EntropyRegularizationArguments`).
+
+    ``entropy_coef``, ``entropy_target``, ``entropy_coef_min/max/delta`` keep TRL's names but drive our
+    regularizers; TRL's ``use_adaptive_entropy`` is replaced by ``entropy_controller="target_entropy"``.
+    ``top_entropy_quantile`` keeps TRL's meaning (which tokens the *policy* loss uses, "80/20"); the bonus has its
+    own ``entropy_bonus_top_quantile``.
+    """
+
+    use_adaptive_entropy: bool = field(
+        default=False,
+        metadata={"help": "Not used: set entropy_controller='target_entropy' (Skywork-OR1) instead."},
+    )
+
+    def __post_init__(self):
+        if self.use_adaptive_entropy:
+            raise ValueError(
+                "use_adaptive_entropy: TRL's own controller is replaced here; set entropy_controller='target_entropy' "
+                "(same entropy_target / entropy_coef_delta / entropy_coef_min / entropy_coef_max fields)"
+            )
+        if self.entropy_level == "reward":
+            raise ValueError(
+                "entropy_level: 'reward' is not available in GRPO yet (its advantages are group-normalized sequence "
+                "rewards); use 'token' or 'sequence', or the PPO trainer for entropy in the reward"
+            )
+        super().__post_init__()
+        self.validate_entropy_arguments()
+
+
+class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
+    """``trl.GRPOTrainer`` with our entropy bonus. Same constructor; ``args`` must be an :class:`EntropyGRPOConfig`.
+
+    Logs TRL's metrics (``entropy``, ``kl``, clip ratios, rewards) plus ``entropy_coef`` and ``entropy_bonus``.
+    """
+
+    _name = "EntropyGRPO"
+    # TRL's GRPO loss is already scaled for gradient accumulation (`loss_is_scaled_for_ga = True`)
+    _trainer_divides_loss_by_ga = False
+    # The batch is generated after the data loader: counts come from the generation batch (see _compute_loss)
+    _counts_from_batch_samples = False
+
+    def __init__(self, *args, **kwargs):
+        config = kwargs.get("args")
+        if config is None or not isinstance(config, EntropyGRPOConfig):
+            raise ValueError(f"args: expected an EntropyGRPOConfig, got {type(config).__name__}")
+        # The entropies are captured from `_get_per_token_logps_and_entropies` (already cut to the completion)
+        with self._our_fused_head(trl_grpo_module, config.fused_head_backend, capture_outputs=False):
+            super().__init__(*args, **kwargs)
+        # TRL's own entropy bonus must not apply a second time: ours is the single source of the term
+        self._entropy_bonus_enabled = False
+        self.use_adaptive_entropy = False
+        self._entropy_setup()
+
+    def _entropy_mask(self, inputs) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        return mask.bool()
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._entropy_capturing and entropies is not None:
+            self._entropy_captured.append(entropies)
+        return logps, entropies, aux
+
+    def _compute_loss(self, model, inputs):
+        with self._entropy_capture_window() as captured:
+            loss = super()._compute_loss(model, inputs)
+        if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
+            raise RuntimeError("GRPOTrainer._compute_loss computed no entropies; cannot apply the bonus")
+        entropy = captured[0]
+        captured.clear()
+        mode = "train" if self.model.training else "eval"
+        mask = self._entropy_mask(inputs)
+        self._entropy_check_finite(loss, entropy, mask)
+        if mode == "train":
+            # `num_items_in_batch` counts the loss tokens of the whole generation batch over all ranks; one
+            # optimizer step sees GA / steps_per_generation of it. Every rank holds the same number of rows.
+            ga = self.current_gradient_accumulation_steps
+            tokens = inputs["num_items_in_batch"].double() * ga / self.args.steps_per_generation
+            seqs = torch.tensor(float(mask.shape[0] * ga * self.accelerator.num_processes), dtype=torch.float64)
+            self._entropy_window_counts = (tokens, seqs)
+        return loss + self._entropy_loss(entropy, mask, mode)
