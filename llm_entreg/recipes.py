@@ -2,13 +2,14 @@
 
 A recipe has these sections (see ``recipes/dpo_entropy.yaml``)::
 
-    algorithm: dpo            # which trainer: dpo or grpo
+    algorithm: dpo            # which trainer: dpo, grpo or ppo
     seed: 0
     model: {name_or_path: embedded, ref_name_or_path: null, dtype: null}
     data: {train: embedded, train_split: train, eval: null, eval_split: validation, max_train_samples: null,
            max_eval_samples: null, task: add}
     evaluation: {held_out: true, num_prompts: 200, split: test, max_new_tokens: 8}
-    rewards: {funcs: [correctness], weights: null}       # grpo: reward functions (names or module:function)
+    rewards: {funcs: [correctness], weights: null, reward_model: null}   # grpo/ppo: reward functions (names or
+                              # module:function) and/or a reward model (a path, a hub id, or "embedded")
     trainer: {...}            # fields of the algorithm's config dataclass (e.g. EntropyDPOConfig)
     real_model: {...}         # optional: merged over the above by ``--real`` (real model / dataset ids)
 
@@ -46,11 +47,11 @@ SECTIONS = {
     "evaluation": {"held_out": True, "num_prompts": 200, "split": "test", "max_new_tokens": 8},
     # GRPO/PPO: reward functions by name (the embedded task's: correctness, format, partial_credit) or as
     # "package.module:function" import paths, with optional weights
-    "rewards": {"funcs": ["correctness"], "weights": None},
+    "rewards": {"funcs": ["correctness"], "weights": None, "reward_model": None},
     "trainer": None,  # validated against the algorithm's config dataclass
     "real_model": None,  # merged by --real
 }
-ALGORITHMS = ("dpo", "grpo")
+ALGORITHMS = ("dpo", "grpo", "ppo")
 
 
 class RecipeError(ValueError):
@@ -71,6 +72,10 @@ def config_class(algorithm: str):
         from .trainers.grpo import EntropyGRPOConfig
 
         return EntropyGRPOConfig
+    if algorithm == "ppo":
+        from .trainers.ppo import PPOConfig
+
+        return PPOConfig
     raise RecipeError(f"algorithm: unknown {algorithm!r}; choose from {ALGORITHMS}")
 
 

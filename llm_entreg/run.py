@@ -31,8 +31,10 @@ def _embedded_split(default, algorithm: str, split: str):
     return (default.datasets.preference if algorithm == "dpo" else default.datasets.prompts)[split]
 
 
-def resolve_reward_funcs(spec: dict) -> tuple[list, list[float] | None]:
-    """Reward functions from names (the embedded task's) or ``package.module:function`` import paths."""
+def resolve_reward_funcs(spec: dict, default=None) -> tuple[list, list[float] | None]:
+    """Reward functions from names (the embedded task's) or ``package.module:function`` import paths, plus an
+    optional reward model (a path or hub id TRL loads as a sequence classifier, or ``embedded``: a tiny reward model
+    trained on the embedded preferences with TRL's RewardTrainer, cached)."""
     import importlib
 
     from .tasks import REWARD_FUNCS
@@ -51,8 +53,21 @@ def resolve_reward_funcs(spec: dict) -> tuple[list, list[float] | None]:
             funcs.append(REWARD_FUNCS[name])
         else:
             raise ValueError(f"rewards.funcs: unknown {name!r}; use one of {sorted(REWARD_FUNCS)} or module:function")
+    reward_model = spec.get("reward_model")
+    if reward_model == "embedded":
+        if default is None:
+            raise ValueError("rewards.reward_model: 'embedded' needs the embedded default (model or data 'embedded')")
+        from .tasks import ensure_reward_model
+
+        path, _ = ensure_reward_model(default)
+        funcs.append(str(path))
+    elif reward_model:
+        path = os.path.expanduser(str(reward_model))
+        if _looks_local(str(reward_model)) and not os.path.isdir(path):
+            raise FileNotFoundError(f"rewards.reward_model: {reward_model!r} does not exist (no such directory)")
+        funcs.append(path)
     if not funcs:
-        raise ValueError("rewards.funcs: a GRPO recipe needs at least one reward function")
+        raise ValueError("rewards.funcs: a GRPO/PPO recipe needs at least one reward function or a reward_model")
     weights = spec.get("weights")
     if weights is not None and len(weights) != len(funcs):
         raise ValueError(f"rewards.weights: expected {len(funcs)} weights, got {len(weights)}")
@@ -157,9 +172,9 @@ def build(recipe: dict, log=print) -> dict[str, Any]:
     algorithm = recipe["algorithm"]
     columns = _columns(algorithm)
     ref = model_cfg.get("ref_name_or_path")
-    if algorithm == "grpo":
+    if algorithm in ("grpo", "ppo"):
         pieces["ref_model"] = None  # TRL's GRPOTrainer builds its own reference when beta != 0
-        pieces["reward_funcs"], pieces["reward_weights"] = resolve_reward_funcs(recipe["rewards"])
+        pieces["reward_funcs"], pieces["reward_weights"] = resolve_reward_funcs(recipe["rewards"], pieces["default"])
     elif ref is None:
         import copy
 
@@ -202,15 +217,17 @@ def make_trainer(recipe: dict, pieces: dict, callbacks=()):
     trainer_args = dict(recipe["trainer"])
     trainer_args.setdefault("seed", recipe["seed"])
     trainer_args.setdefault("report_to", [])
-    if recipe["algorithm"] == "grpo" and pieces.get("reward_weights") is not None:
+    if recipe["algorithm"] in ("grpo", "ppo") and pieces.get("reward_weights") is not None:
         trainer_args.setdefault("reward_weights", pieces["reward_weights"])
     config = config_class(recipe["algorithm"])(**trainer_args)
-    from .trainers import EntropyDPOTrainer, EntropyGRPOTrainer
+    from .trainers import EntropyDPOTrainer, EntropyGRPOTrainer, PPOTrainer
 
     common = dict(args=config, train_dataset=pieces["train"], eval_dataset=pieces["eval"],
                   processing_class=pieces["tokenizer"], callbacks=list(callbacks))
     if recipe["algorithm"] == "grpo":
         return EntropyGRPOTrainer(model=pieces["model"], reward_funcs=pieces["reward_funcs"], **common)
+    if recipe["algorithm"] == "ppo":
+        return PPOTrainer(model=pieces["model"], reward_funcs=pieces["reward_funcs"], **common)
     return EntropyDPOTrainer(model=pieces["model"], ref_model=pieces["ref_model"], **common)
 
 
@@ -258,7 +275,7 @@ def _curve_summary(history: list[dict]) -> dict[str, Any]:
 
     out = {}
     for key in ("loss", "entropy", "entropy_coef", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-                "logps/chosen", "reward", "kl"):
+                "logps/chosen", "reward", "kl", "value_loss", "explained_variance"):
         start, end = first_last(key)
         if start is not None:
             out[key] = {"start": start, "end": end}
@@ -276,7 +293,8 @@ def format_summary(summary: dict) -> str:
     train = summary["train"]
     for key, label in (("entropy", "entropy (train, nats/token)"), ("loss", "loss"),
                        ("rewards/accuracies", "DPO reward accuracy"), ("rewards/margins", "DPO reward margin"),
-                       ("reward", "mean reward (train)"), ("kl", "KL to reference (train)")):
+                       ("reward", "mean reward (train)"), ("kl", "KL to reference (train)"),
+                       ("explained_variance", "critic explained variance")):
         if key in train:
             lines.append(f"  {label}: {train[key]['start']:.4g} -> {train[key]['end']:.4g}")
     if "rewards/chosen" in train and "logps/chosen" in train:

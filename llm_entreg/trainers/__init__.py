@@ -2,6 +2,7 @@
 
 from .dpo import EntropyDPOConfig, EntropyDPOTrainer
 from .grpo import EntropyGRPOConfig, EntropyGRPOTrainer
+from .ppo import PPOConfig, PPOTrainer, ValueHead
 from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin, NonFiniteLossError
 
 __all__ = [
@@ -12,4 +13,7 @@ __all__ = [
     "EntropyRegularizationArguments",
     "EntropyRegularizationMixin",
     "NonFiniteLossError",
+    "PPOConfig",
+    "PPOTrainer",
+    "ValueHead",
 ]

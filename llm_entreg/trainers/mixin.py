@@ -284,21 +284,11 @@ class EntropyRegularizationMixin:
         """The term to add to the loss for this micro-batch (already scaled for the framework's reductions)."""
         coef = self.entropy_coefficient.value
         mask = mask.bool()
-        agg_kwargs: dict[str, Any] = {}
+        agg_kwargs, scale = self._global_aggregation(
+            mode, entropy.device, self.entropy_bonus.agg_mode, use_global=self.entropy_bonus.top_entropy_quantile == 1.0
+        )
         if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
             agg_kwargs["max_len"] = self._entropy_max_len(mask)
-        # The framework later divides the loss by `divisor` and DDP averages over ranks. With global counts each
-        # micro-batch contributes sum_local / N_global, scaled back up by W * divisor; without them (eval, or a
-        # top-entropy quantile whose token set is only known per micro-batch) the term is the micro-batch
-        # aggregate, averaged over the accumulation window like the parent's own loss.
-        ga = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
-        divisor = ga if self._trainer_divides_loss_by_ga else 1
-        scale = divisor / ga
-        global_counts = mode == "train" and self._entropy_window_counts is not None
-        if global_counts and self.entropy_bonus.top_entropy_quantile == 1.0:
-            tokens, seqs = self._entropy_window_counts
-            agg_kwargs.update(global_token_count=tokens.to(entropy.device), global_seq_count=seqs.to(entropy.device))
-            scale = global_mean_loss_scale(self.accelerator.num_processes, framework_loss_divisor=divisor)
         term = self.entropy_bonus.loss_term(entropy, mask, coef, **agg_kwargs)
         # Metrics: the unscaled local value of beta * agg(H), and the measured entropy for the controllers
         with torch.no_grad():
@@ -312,6 +302,22 @@ class EntropyRegularizationMixin:
         metrics["entropy_coef"].append(float(coef))
         metrics["entropy_bonus"].append(self.accelerator.gather_for_metrics(local_bonus.reshape(1)).mean().item())
         return term * scale
+
+    def _global_aggregation(self, mode: str, device, agg_mode: str | None, use_global: bool = True):
+        """``(aggregate kwargs, scale)`` that make a per-micro-batch term add up to the global aggregate.
+
+        The framework later divides the loss by ``divisor`` and DDP averages over ranks. With global counts each
+        micro-batch contributes ``sum_local / N_global``, scaled back up by ``W * divisor``; without them (eval, or
+        a token set only known per micro-batch) the term is the micro-batch aggregate, averaged over the
+        accumulation window like the parent's own loss.
+        """
+        ga = getattr(self, "current_gradient_accumulation_steps", 1) if mode == "train" else 1
+        divisor = ga if self._trainer_divides_loss_by_ga else 1
+        if mode == "train" and use_global and self._entropy_window_counts is not None:
+            tokens, seqs = self._entropy_window_counts
+            kwargs = {"global_token_count": tokens.to(device), "global_seq_count": seqs.to(device)}
+            return kwargs, global_mean_loss_scale(self.accelerator.num_processes, framework_loss_divisor=divisor)
+        return {}, divisor / ga
 
     def _entropy_max_len(self, mask: torch.Tensor) -> int:
         return int(getattr(self.args, "max_completion_length", None) or getattr(self.args, "max_length", None)

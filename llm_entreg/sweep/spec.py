@@ -1,0 +1,203 @@
+"""A sweep's settings, from a recipe plus command-line axes, or from a sweep-spec YAML (``recipes/sweep_beta.yaml``).
+
+A sweep spec is a small YAML naming the base recipe and the axes::
+
+    base_recipe: dpo_entropy.yaml        # relative to this file (or the working directory), or absolute
+    entropy_coef: [0, 1.0e-3, 1.0e-2]    # or: log_range: {start: 1.0e-4, stop: 1.0e-1, points: 4, include_zero: true}
+    schedules: [constant]                # constant | linear | exponential | cosine | target_entropy | learned_alpha
+    seeds: [0]
+    overrides: {max_steps: 60}           # or a list of "key=value"; applied to every trial
+    end_ratio: 0.01                      # optional: decaying schedules end at β x end_ratio
+    out: runs/sweep_beta                 # optional
+    thresholds: {collapse_fraction: 0.5, window: 0.2, commit_band: 0.1, commit_min_gain: 0.01}   # optional
+    tie_tolerance: 0.0                   # optional
+
+Command-line flags override the spec's values; command-line ``key=value`` overrides come after the spec's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .grid import GridError, TrialSpec, build_trials, parse_float_list, parse_int_list, parse_log_range, parse_schedules
+from .pick import Thresholds
+
+SPEC_KEYS = {"base_recipe", "entropy_coef", "log_range", "schedules", "seeds", "overrides", "end_ratio", "out",
+             "thresholds", "tie_tolerance", "description"}
+DEFAULT_TRIAL_FN = "llm_entreg.run:run"
+DRY_RUN_TRIAL_FN = "llm_entreg.sweep.fake:fake_run"
+
+
+class SweepError(ValueError):
+    """The sweep's settings are invalid (bad spec, bad axis, a trial directory from other settings)."""
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep needs; picklable (sent to worker processes)."""
+
+    base_recipe: str
+    trials: list[TrialSpec]
+    out_dir: str
+    overrides: list[str] = field(default_factory=list)
+    real: bool = False
+    end_ratio: float = 0.01
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    tie_tolerance: float = 0.0
+    workers: int = 1
+    storage: str | None = None
+    study_name: str | None = None
+    devices: str = "auto"
+    heartbeat: int = 60
+    keep_checkpoints: bool = False
+    trial_fn: str | Callable = DEFAULT_TRIAL_FN
+    progress: bool = True
+    source: str | None = None  # the spec or recipe the sweep was started from
+
+    @property
+    def parallel(self) -> bool:
+        """Optuna-backed (shared storage) rather than the plain in-process loop."""
+        return self.workers > 1 or self.storage is not None
+
+    @property
+    def trial_fn_name(self) -> str:
+        fn = self.trial_fn
+        if isinstance(fn, str):
+            return fn
+        return f"{getattr(fn, '__module__', None) or type(fn).__module__}:" \
+               f"{getattr(fn, '__qualname__', None) or type(fn).__qualname__}"
+
+    def grid_hash(self) -> str:
+        """Same base recipe content, overrides, axes and trial function -> same hash (the default study name)."""
+        try:
+            recipe_text = Path(self.base_recipe).read_text()
+        except OSError:
+            recipe_text = self.base_recipe
+        payload = json.dumps({"recipe": recipe_text, "overrides": self.overrides, "real": self.real,
+                              "trials": [t.id for t in self.trials], "end_ratio": self.end_ratio,
+                              "fn": self.trial_fn_name}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:8]
+
+    def resolved_study_name(self) -> str:
+        return self.study_name or f"{Path(self.out_dir).name}-{self.grid_hash()}"
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-able description written to ``sweep.json``."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("trials", "trial_fn", "thresholds")}
+        out["trials"] = [t.id for t in self.trials]
+        out["trial_fn"] = self.trial_fn_name
+        out["thresholds"] = self.thresholds.as_dict()
+        out["study_name"] = self.resolved_study_name() if self.parallel else None
+        return out
+
+
+def _load_yaml(path: Path) -> Any:
+    from ..recipes import _yaml  # the recipes' YAML 1.2 flavour: 1e-4 is a float, "no" stays a string
+
+    return _yaml(path.read_text())
+
+
+def is_sweep_spec(path: str | os.PathLike) -> bool:
+    try:
+        data = _load_yaml(Path(path))
+    except Exception:  # noqa: BLE001 - not a readable YAML mapping: not a spec (load_recipe will say why)
+        return False
+    return isinstance(data, dict) and "base_recipe" in data
+
+
+def load_sweep_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a sweep spec; ``base_recipe`` comes back as a path that exists."""
+    path = Path(path)
+    data = _load_yaml(path)
+    if not isinstance(data, dict) or "base_recipe" not in data:
+        raise SweepError(f"{path}: a sweep spec needs a base_recipe key")
+    unknown = set(data) - SPEC_KEYS
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; expected {sorted(SPEC_KEYS)}")
+    if "entropy_coef" in data and "log_range" in data:
+        raise SweepError(f"{path}: give entropy_coef or log_range, not both")
+    base = Path(str(data["base_recipe"])).expanduser()
+    candidates = [base] if base.is_absolute() else [path.parent / base, Path.cwd() / base]
+    for candidate in candidates:
+        if candidate.is_file():
+            data["base_recipe"] = str(candidate)
+            break
+    else:
+        raise SweepError(f"{path}: base_recipe {str(base)!r} not found (looked in {[str(c) for c in candidates]})")
+    overrides = data.get("overrides") or []
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+    elif not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise SweepError(f"{path}: overrides: expected a mapping or a list of 'key=value' strings")
+    data["overrides"] = list(overrides)
+    return data
+
+
+def default_out_dir(source: str | os.PathLike) -> str:
+    stem = Path(source).stem
+    return os.path.join("runs", stem if stem.startswith("sweep") else f"sweep_{stem}")
+
+
+def _recipe_schedule(recipe: dict) -> str:
+    trainer = recipe.get("trainer") or {}
+    return trainer.get("entropy_controller") or trainer.get("entropy_schedule") or "constant"
+
+
+def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy_coef=None, log_range=None,
+                 points: int | None = None, include_zero: bool = False, schedules=None, seeds=None,
+                 end_ratio: float | None = None, out: str | None = None, thresholds: dict | None = None,
+                 tie_tolerance: float | None = None, **options) -> SweepConfig:
+    """A :class:`SweepConfig` from a recipe or a sweep spec plus command-line values (these win)."""
+    from ..recipes import RecipeError, load_recipe
+
+    spec: dict[str, Any] = load_sweep_spec(source) if is_sweep_spec(source) else {"base_recipe": source}
+    base = spec["base_recipe"]
+    overrides = list(spec.get("overrides") or []) + list(cli_overrides or [])
+    real = bool(options.get("real", False))
+    try:
+        base_recipe = load_recipe(base, overrides, real=real)
+    except RecipeError as exc:
+        raise SweepError(str(exc)) from exc
+    try:
+        if entropy_coef is not None and log_range is not None:
+            raise GridError("give --entropy-coef or --log-range, not both")
+        if entropy_coef is not None:
+            coefs = parse_float_list(entropy_coef)
+        elif log_range is not None:
+            coefs = parse_log_range(log_range, points, include_zero)
+        elif spec.get("entropy_coef") is not None:
+            coefs = parse_float_list(spec["entropy_coef"], "entropy_coef")
+        elif spec.get("log_range") is not None:
+            coefs = parse_log_range(spec["log_range"], points, include_zero)
+        else:
+            coefs = [float(base_recipe["trainer"].get("entropy_coef", 0.0) or 0.0)]
+        if include_zero and 0.0 not in coefs:
+            coefs = [0.0, *coefs]
+        scheds = parse_schedules(schedules if schedules is not None else spec.get("schedules", _recipe_schedule(base_recipe)),
+                                 "--schedules" if schedules is not None else "schedules")
+        seed_list = parse_int_list(seeds if seeds is not None else spec.get("seeds", base_recipe["seed"]),
+                                   "--seeds" if seeds is not None else "seeds")
+        merged_thresholds = {**(spec.get("thresholds") or {}), **{k: v for k, v in (thresholds or {}).items() if v is not None}}
+        thr = Thresholds(**merged_thresholds)
+    except (GridError, TypeError, ValueError) as exc:
+        raise SweepError(str(exc)) from exc
+    end = end_ratio if end_ratio is not None else float(spec.get("end_ratio", 0.01))
+    if not end > 0:
+        raise SweepError(f"--end-ratio: must be > 0 (the exponential schedule cannot reach 0), got {end}")
+    tol = tie_tolerance if tie_tolerance is not None else float(spec.get("tie_tolerance", 0.0))
+    if tol < 0:
+        raise SweepError(f"--tie-tolerance: must be >= 0, got {tol}")
+    workers = int(options.pop("workers", 1) or 1)
+    if workers < 1:
+        raise SweepError(f"--workers: must be >= 1, got {workers}")
+    return SweepConfig(
+        base_recipe=str(base), trials=build_trials(coefs, scheds, seed_list),
+        out_dir=str(out or spec.get("out") or default_out_dir(source)), overrides=overrides, real=real,
+        end_ratio=end, thresholds=thr, tie_tolerance=tol, workers=workers, source=str(source),
+        **{k: v for k, v in options.items() if k != "real" and v is not None},
+    )
