@@ -73,10 +73,7 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self._entropy_setup()
 
     def _entropy_mask(self, inputs) -> torch.Tensor:
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        return mask.bool()
+        return self._completion_loss_mask(inputs)
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
@@ -95,10 +92,5 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         mask = self._entropy_mask(inputs)
         self._entropy_check_finite(loss, entropy, mask)
         if mode == "train":
-            # `num_items_in_batch` counts the loss tokens of the whole generation batch over all ranks; one
-            # optimizer step sees GA / steps_per_generation of it. Every rank holds the same number of rows.
-            ga = self.current_gradient_accumulation_steps
-            tokens = inputs["num_items_in_batch"].double() * ga / self.args.steps_per_generation
-            seqs = torch.tensor(float(mask.shape[0] * ga * self.accelerator.num_processes), dtype=torch.float64)
-            self._entropy_window_counts = (tokens, seqs)
+            self._generation_window_counts(inputs, mask)
         return loss + self._entropy_loss(entropy, mask, mode)

@@ -279,6 +279,25 @@ class EntropyRegularizationMixin:
             self._entropy_window_counts = (both[0], both[1])
         return batch_samples, num_items
 
+    def _generation_window_counts(self, inputs: dict[str, Any], mask: torch.Tensor) -> None:
+        """Global counts for trainers that generate their batches (GRPO, PPO).
+
+        TRL's ``num_items_in_batch`` counts the loss tokens of the whole generation batch over all ranks; one
+        optimizer step sees ``GA / steps_per_generation`` of it. Every rank holds the same number of rows.
+        """
+        ga = self.current_gradient_accumulation_steps
+        tokens = inputs["num_items_in_batch"].double() * ga / self.args.steps_per_generation
+        seqs = torch.tensor(float(mask.shape[0] * ga * self.accelerator.num_processes), dtype=torch.float64)
+        self._entropy_window_counts = (tokens, seqs)
+
+    @staticmethod
+    def _completion_loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
+        """The completion tokens a generated batch's loss uses (tool-call outputs excluded), as bool."""
+        mask = inputs["completion_mask"].bool()
+        if "tool_mask" in inputs:
+            mask = mask & inputs["tool_mask"].bool()
+        return mask
+
     # ------------------------------------------------------------------ the loss term
     def _entropy_loss(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """The term to add to the loss for this micro-batch (already scaled for the framework's reductions)."""

@@ -170,6 +170,9 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         if "TokenClassification" in type(value_model).__name__ and num_labels != 1:
             raise ValueError(f"value_model: a token-classification head must have num_labels=1, got {num_labels}")
 
+    def _entropy_mask(self, inputs) -> torch.Tensor:
+        return self._completion_loss_mask(inputs)
+
     # ------------------------------------------------------------------ rollout
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -190,9 +193,7 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
         n_completion = completion_ids.shape[1]
-        mask = out["completion_mask"].bool()
-        if "tool_mask" in out:
-            mask = mask & out["tool_mask"].bool()
+        mask = self._completion_loss_mask(out)
         with torch.no_grad():
             need_entropy = self.entropy_bonus.entropy_level == "reward"
             old_logps, entropies, _ = super()._get_per_token_logps_and_entropies(
@@ -245,14 +246,9 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        mask = inputs["completion_mask"].bool()
-        if "tool_mask" in inputs:
-            mask = mask & inputs["tool_mask"].bool()
+        mask = self._completion_loss_mask(inputs)
         if mode == "train":
-            ga = self.current_gradient_accumulation_steps
-            tokens = inputs["num_items_in_batch"].double() * ga / self.args.steps_per_generation
-            seqs = torch.tensor(float(mask.shape[0] * ga * self.accelerator.num_processes), dtype=torch.float64)
-            self._entropy_window_counts = (tokens, seqs)
+            self._generation_window_counts(inputs, mask)
         kl_in_loss = self.args.kl_in == "loss"
         saved_beta = self.beta
         self.beta = self.kl_controller.value if kl_in_loss else 0.0  # TRL's k3 term only when the KL is in the loss
