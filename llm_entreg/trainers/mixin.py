@@ -309,18 +309,31 @@ class EntropyRegularizationMixin:
         if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
             agg_kwargs["max_len"] = self._entropy_max_len(mask)
         term = self.entropy_bonus.loss_term(entropy, mask, coef, **agg_kwargs)
-        # Metrics: the unscaled local value of beta * agg(H), and the measured entropy for the controllers
+        # Metrics: the unscaled value of beta * agg(H), and the measured entropy for the controllers
         with torch.no_grad():
             h_sum = (entropy.detach().float() * mask).sum()
             n_tok = mask.sum()
-            local_bonus = -self.entropy_bonus.loss_term(entropy.detach(), mask, coef, **{
-                k: v for k, v in agg_kwargs.items() if k == "max_len"})
+            if "global_token_count" in agg_kwargs:
+                # This micro-batch's share of the global aggregate (sum_local / N_global), summed over ranks and
+                # x GA: the log's mean over the window's micro-batches is then beta * agg(H) over the global batch
+                # of the optimizer step -- the same number at any world size / GA (a mean of per-rank means is not)
+                ga = getattr(self, "current_gradient_accumulation_steps", 1)
+                share = -term.detach().reshape(1) * ga
+                bonus = self.accelerator.reduce(share, reduction="sum")
+            else:
+                local_bonus = -self.entropy_bonus.loss_term(entropy.detach(), mask, coef, **{
+                    k: v for k, v in agg_kwargs.items() if k == "max_len"})
+                bonus = self.accelerator.gather_for_metrics(local_bonus.reshape(1)).mean()
+        self._entropy_record(h_sum, n_tok, coef, bonus.item(), mode)
+        return term * scale
+
+    def _entropy_record(self, h_sum: torch.Tensor, n_tok: torch.Tensor, coef: float, bonus: float, mode: str):
+        """Log the coefficient and the bonus, and accumulate the measured entropy the controllers step on."""
         if mode == "train":
-            self._entropy_step_stats += torch.stack([h_sum.double().cpu(), n_tok.double().cpu()])
+            self._entropy_step_stats += torch.stack([h_sum.detach().double().cpu(), n_tok.detach().double().cpu()])
         metrics = self._metrics[mode]
         metrics["entropy_coef"].append(float(coef))
-        metrics["entropy_bonus"].append(self.accelerator.gather_for_metrics(local_bonus.reshape(1)).mean().item())
-        return term * scale
+        metrics["entropy_bonus"].append(float(bonus))
 
     def _global_aggregation(self, mode: str, device, agg_mode: str | None, use_global: bool = True):
         """``(aggregate kwargs, scale)`` that make a per-micro-batch term add up to the global aggregate.

@@ -188,6 +188,8 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         n_local = out["completion_ids"].shape[0]
         start = self.accelerator.process_index * n_local
         scores = scores[start : start + n_local].to(device)
+        # A completion every reward function declined (all None) carries no signal: as in TRL, no advantage
+        unscorable = torch.isnan(rpf).all(dim=1)[start : start + n_local].to(device)
 
         prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -218,6 +220,7 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         advantages, returns = gae(rewards, values, mask, gamma=self.args.gamma, lam=self.args.lam)
         if self.args.whiten_advantages:
             advantages = whiten(advantages, mask, distributed=True)
+        advantages = advantages.masked_fill(unscorable.unsqueeze(1), 0.0)
         out["advantages"] = advantages
         out["old_values"] = values
         out["returns"] = returns
@@ -231,7 +234,9 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         metrics["score"].append((totals[0] / totals[1]).item())
         metrics["kl_coef"].append(float(kl_coef))
         if kl is not None:
-            metrics["kl"].append((totals[2] / totals[3].clamp(min=1)).item())
+            # With the KL in the loss, TRL logs its own "kl" (k3 on the update); ours is the rollout's estimate
+            key = "kl" if self.args.kl_in == "reward" else "kl_rollout"
+            metrics[key].append((totals[2] / totals[3].clamp(min=1)).item())
             if mode == "train":
                 # Ziegler et al.: the controller sees the per-sequence KL (sum over tokens), batch mean
                 self.kl_controller.update((totals[2] / totals[1]).item(), int(totals[1].item()))
@@ -262,6 +267,12 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self._entropy_check_finite(loss, entropy, mask)
         if self.entropy_bonus.entropy_level != "reward":
             loss = loss + self._entropy_loss(entropy, mask, mode)
+        else:  # the bonus went into the rewards at rollout; still measure the entropy the controllers step on
+            with torch.no_grad():
+                h_sum, n_tok = (entropy.detach().float() * mask).sum(), mask.sum()
+                coef = self.entropy_coefficient.value
+                totals = self.accelerator.reduce(torch.stack([h_sum, n_tok.float()]), reduction="sum")
+            self._entropy_record(h_sum, n_tok, coef, coef * (totals[0] / totals[1].clamp(min=1)).item(), mode)
 
         prompt_completion = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

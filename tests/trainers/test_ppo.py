@@ -153,3 +153,13 @@ def test_ppo_run_raises_reward_and_bonus_keeps_entropy_higher(tmp_path):
     assert mean_h[1] > mean_h[0] + 0.01, mean_h
     assert bonus["held_out_after"]["ref_entropy"] > plain["held_out_after"]["ref_entropy"]
     assert plain_log[-1]["explained_variance"] > plain_log[0]["explained_variance"]  # the critic learns
+
+
+def test_controller_moves_with_entropy_in_the_reward(default, tmp_path):
+    """At the reward level the bonus enters the rewards, yet the measured entropy still drives the controller."""
+    trainer = _trainer(default, tmp_path, entropy_level="reward", entropy_controller="target_entropy",
+                       entropy_target=5.0, entropy_coef=0.02, entropy_coef_delta=0.01, max_steps=3)
+    trainer.train()
+    assert trainer.entropy_coefficient.coef == pytest.approx(0.05)  # below a 5-nat target: +0.01 per step
+    coefs = [r["entropy_coef"] for r in trainer.state.log_history if "entropy_coef" in r]
+    assert coefs[0] == 0.0 and coefs[-1] == pytest.approx(0.04)
