@@ -22,6 +22,7 @@ import torch
 from ._common import EXTRA_OUTPUTS, TokenStats, check_extras, gathered_params
 from .reference import reference_linear_token_stats, reference_token_stats
 from .hf_head import install_fused_head
+from .fused_loss import fused_linear_loss, ppo_clip_token_loss
 
 BACKENDS = ("auto", "torch", "chunked", "triton")
 
@@ -29,6 +30,8 @@ __all__ = [
     "BACKENDS",
     "EXTRA_OUTPUTS",
     "TokenStats",
+    "fused_linear_loss",
+    "ppo_clip_token_loss",
     "gathered_params",
     "install_fused_head",
     "linear_logprob_and_entropy",
