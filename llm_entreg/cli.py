@@ -115,6 +115,9 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                        "machines); default with --workers > 1: sqlite in the sweep directory")
     where.add_argument("--study-name", default=None, help="Optuna study name (same on every machine)")
     where.add_argument("--devices", default=None, help="auto (one GPU per worker if any), cpu, or a list 0,1,...")
+    where.add_argument("--threads", type=int, default=None,
+                       help="torch threads per trial (default: torch's own in-process; cores / workers for CPU "
+                       "workers); 1 is fastest for tiny models on a busy CPU")
     where.add_argument("--heartbeat", type=int, default=None,
                        help="worker heartbeat in seconds; a trial silent for 3x this is re-queued (default 60)")
     where.add_argument("--keep-checkpoints", action="store_true",
@@ -124,6 +127,7 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                        help="synthetic trials (no model): check the grid, workers and storage in seconds")
     where.add_argument("--trial-fn", default=None, help=argparse.SUPPRESS)
     where.add_argument("--no-progress", action="store_true", help="no progress bar / per-trial lines")
+    where.add_argument("--no-plots", action="store_true", help="write the tables and best.json but no PNGs")
     pick = sweep.add_argument_group("flags and the pick")
     pick.add_argument("--collapse-fraction", type=float, default=None,
                       help="collapsed: last-window mean entropy < this x first-window mean (default 0.5)")
@@ -143,9 +147,10 @@ def _sweep(argv: list[str]) -> int:
     from .sweep.spec import DRY_RUN_TRIAL_FN, SweepError, build_config
 
     options = dict(workers=args.workers, storage=args.storage, study_name=args.study_name, devices=args.devices,
-                   heartbeat=args.heartbeat, keep_checkpoints=args.keep_checkpoints or None,
+                   heartbeat=args.heartbeat, threads=args.threads, keep_checkpoints=args.keep_checkpoints or None,
                    trial_fn=args.trial_fn or (DRY_RUN_TRIAL_FN if args.dry_run else None),
-                   progress=False if args.no_progress else None, real=args.real)
+                   progress=False if args.no_progress else None, plots=False if args.no_plots else None,
+                   real=args.real)
     out = args.out
     if args.dry_run and out is None:
         from .sweep.spec import default_out_dir

@@ -8,7 +8,9 @@ large β it stays where it started and the reward barely moves; the reward peaks
 It writes ``metrics.jsonl`` and ``summary.json`` into the recipe's ``trainer.output_dir`` like ``run`` does, and
 honours ``resume_from_checkpoint`` by continuing the log after the checkpoint's step. A negative ``entropy_coef``
 raises ``ValueError`` (as the real config does without ``allow_entropy_minimization``). The environment variable
-``LLM_ENTREG_FAKE_SLEEP`` (seconds per trial) slows it down for parallel tests.
+``LLM_ENTREG_FAKE_SLEEP`` (seconds per trial) slows it down for parallel tests;
+``LLM_ENTREG_FAKE_CRASH_ONCE=β[,β...]`` kills the process (``os._exit``) halfway through those trials the first
+time, after writing a ``checkpoint-<step>`` directory, to test recovery from a dead worker.
 """
 
 from __future__ import annotations
@@ -55,8 +57,15 @@ def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
     h0, floor = 0.45, 0.08
     strength = coef / (coef + 0.01)  # 0 = no bonus, -> 1 for a large β
     sleep = float(os.environ.get("LLM_ENTREG_FAKE_SLEEP", "0") or 0)
+    crash = {float(c) for c in os.environ.get("LLM_ENTREG_FAKE_CRASH_ONCE", "").split(",") if c.strip()}
+    crash_at = total // 2 if coef in crash and not (out / ".crashed").exists() else None
     with metrics.open("a") as f:
         for step in range(first, total + 1):
+            if step == crash_at:
+                (out / f"checkpoint-{step - 1}").mkdir(exist_ok=True)
+                (out / ".crashed").touch()
+                f.flush()
+                os._exit(3)
             beta_t = _coef_at(trainer, step - 1, total)
             s_t = beta_t / (beta_t + 0.01)
             h = floor + (h0 - floor) * math.exp(-3.0 * (1 - s_t) * step / total) + 0.005 * rng.gauss(0, 1)

@@ -112,7 +112,7 @@ def log_range(start: float, stop: float, points: int, include_zero: bool = False
 
 
 def parse_log_range(spec: Any, points: int | None = None, include_zero: bool = False) -> list[float]:
-    """``"1e-4:1e-1"`` (+ ``points``), or a mapping ``{start, stop, points, include_zero}``."""
+    """``"1e-4:1e-1"`` (+ ``points``, default 4), or a mapping ``{start, stop, points, include_zero}``."""
     if isinstance(spec, dict):
         unknown = set(spec) - {"start", "stop", "points", "include_zero"}
         if unknown:
@@ -123,9 +123,7 @@ def parse_log_range(spec: Any, points: int | None = None, include_zero: bool = F
     if text.count(":") != 1:
         raise GridError(f"--log-range: expected START:STOP (e.g. 1e-4:1e-1), got {text!r}")
     a, b = text.split(":")
-    if points is None:
-        raise GridError("--log-range: needs --points N")
-    return log_range(a, b, points, include_zero)
+    return log_range(a, b, 4 if points is None else points, include_zero)
 
 
 def format_coef(value: float) -> str:

@@ -4,8 +4,8 @@ through an Optuna study in shared storage (SQLite on one machine, any RDB URL ac
 Every trial goes through :func:`run_trial`, which
 
 - skips a finished trial (its ``trial.json`` says ``complete`` with the same settings fingerprint) and reuses its row;
-- resumes an interrupted one from the last ``checkpoint-*`` in its directory
-  (``transformers.trainer_utils.get_last_checkpoint``);
+- resumes an interrupted one from the last ``checkpoint-*`` in its directory (the rule of
+  ``transformers.trainer_utils.get_last_checkpoint``);
 - records a failure (``Type: message`` in the row, the traceback in ``traceback.txt``) instead of raising.
 
 The trial function is injectable: anything with :func:`llm_entreg.run.run`'s signature
@@ -30,6 +30,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -75,6 +76,10 @@ def trial_dir(config: SweepConfig, trial: TrialSpec) -> Path:
 
 def trial_recipe(config: SweepConfig, trial: TrialSpec) -> dict:
     """The base recipe with the sweep's overrides, then the trial's axis values, writing into its own directory."""
+    import copy
+
+    if config.recipes and trial.id in config.recipes:
+        return copy.deepcopy(config.recipes[trial.id])
     from ..recipes import RecipeError, load_recipe, trainer_fields
 
     try:
@@ -97,10 +102,12 @@ def fingerprint(recipe: dict, trial_fn_name: str) -> str:
 
 
 def check_trial_dirs(config: SweepConfig) -> dict[str, str]:
-    """Fingerprint every trial; refuse a trial directory left by a sweep with other settings."""
-    prints = {}
+    """Resolve and fingerprint every trial (an invalid recipe fails here, before anything runs); refuse a trial
+    directory left by a sweep with other settings. The resolved recipes are kept in ``config.recipes``."""
+    prints, recipes = {}, {}
     for trial in config.trials:
-        fp = fingerprint(trial_recipe(config, trial), config.trial_fn_name)
+        recipes[trial.id] = trial_recipe(config, trial)
+        fp = fingerprint(recipes[trial.id], config.trial_fn_name)
         record = read_trial(trial_dir(config, trial))
         if record is not None and record.get("fingerprint") not in (None, fp):
             raise SweepError(
@@ -108,15 +115,25 @@ def check_trial_dirs(config: SweepConfig) -> dict[str, str]:
                 f"function changed); use another --out, or delete that directory to rerun it"
             )
         prints[trial.id] = fp
+    config.recipes = recipes
     return prints
 
 
-def last_checkpoint(directory: Path) -> str | None:
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(directory: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-<step>`` directory in ``directory`` (highest step), or ``None``.
+
+    The same rule as ``transformers.trainer_utils.get_last_checkpoint`` (which the trainer uses for
+    ``resume_from_checkpoint=True``), without importing transformers in processes that do not train.
+    """
+    directory = Path(directory)
     if not directory.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(directory))
+    steps = [(int(m.group(1)), p.name) for p in directory.iterdir()
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return str(directory / max(steps)[1]) if steps else None
 
 
 @contextlib.contextmanager
@@ -149,6 +166,22 @@ def _output_to(path: Path, enabled: bool = True):
             os.close(saved[1])
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads for the trial (restored after). Tiny models on a busy CPU run far faster on 1."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _base_row(config: SweepConfig, trial: TrialSpec) -> dict[str, Any]:
     return {"id": trial.id, **trial.params(), "output_dir": f"{TRIALS_DIR}/{trial.id}"}
 
@@ -173,7 +206,7 @@ def run_trial(config: SweepConfig, trial: TrialSpec, trial_fn: Callable | None =
     (directory / TRACEBACK_FILE).unlink(missing_ok=True)
     row = _base_row(config, trial)
     try:
-        with _output_to(directory / "trial.log", capture_output):
+        with _output_to(directory / "trial.log", capture_output), _torch_threads(config.threads):
             summary = fn(recipe, resume_from_checkpoint=checkpoint, log=print)
         if not isinstance(summary, dict):
             try:
@@ -190,7 +223,8 @@ def run_trial(config: SweepConfig, trial: TrialSpec, trial_fn: Callable | None =
         row.update(status="failed", error=f"{type(exc).__name__}: {message}".rstrip(": "))
         (directory / TRACEBACK_FILE).write_text(traceback.format_exc())
     finally:
-        gc.collect()
+        if time.time() - started > 5:  # free a real trial's model before the next; ~1 s, so not after instant ones
+            gc.collect()
     row["seconds"] = round(time.time() - started, 1)
     row["resumed_from"] = Path(checkpoint).name if checkpoint else None
     record.update(status=row["status"], finished=time.time(), seconds=row["seconds"], row=row, error=row.get("error"))
@@ -300,11 +334,19 @@ def open_study(config: SweepConfig, create: bool = True):
     return optuna.load_study(study_name=name, storage=storage, sampler=_grid_sampler(config))
 
 
-def _trial_id_of(t) -> str | None:
+def _trial_id_of(t, sampler=None) -> str | None:
+    """The grid point of an Optuna trial: its parameter, its queued parameter, or (between the sampler's choice
+    and the objective's first line) the grid point the sampler assigned it."""
     if "trial_id" in t.params:
         return t.params["trial_id"]
     fixed = t.system_attrs.get("fixed_params") or {}
-    return fixed.get("trial_id")
+    if "trial_id" in fixed:
+        return fixed["trial_id"]
+    grid = getattr(sampler, "_all_grids", None)  # GridSampler's shuffled grid (same seed in every process)
+    gid = t.system_attrs.get("grid_id")
+    if grid is not None and isinstance(gid, int) and 0 <= gid < len(grid):
+        return grid[gid][0]
+    return None
 
 
 def _study_state(study, ids) -> dict[str, Any]:
@@ -352,7 +394,10 @@ def prepare_study(config: SweepConfig, study, owned: bool) -> None:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     else:
-        with contextlib.suppress(Exception):
+        import warnings
+
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
     state = _study_state(study, ids)
     local_done = {t.id for t in config.trials if is_finished(read_trial(trial_dir(config, t)))}
@@ -410,10 +455,12 @@ def optuna_worker(config: SweepConfig, index: int = 0, log_path: str | None = No
         tid = trial.suggest_categorical("trial_id", ids)
         trial.set_user_attr("worker", me)
         for other in study.get_trials(deepcopy=False):
-            if other.number == trial.number or _trial_id_of(other) != tid:
+            if other.number == trial.number or _trial_id_of(other, study.sampler) != tid:
                 continue
             row = other.user_attrs.get("row") or {}
-            if other.state == optuna.trial.TrialState.RUNNING or row.get("status") == "complete":
+            # of two trials racing for one grid point, the older (lower number) runs it and the newer steps back
+            older_running = other.state == optuna.trial.TrialState.RUNNING and other.number < trial.number
+            if older_running or row.get("status") == "complete":
                 trial.set_user_attr("duplicate_of", other.number)
                 raise optuna.TrialPruned(f"{tid} is run by trial {other.number}")
         row, reused = run_trial(config, by_id[tid], fn)
@@ -454,8 +501,9 @@ def _gpus(devices: str) -> list[str]:
 def worker_env(config: SweepConfig, index: int, gpus: list[str]) -> dict[str, str]:
     """GPU workers get one device each (round robin); CPU workers split the cores."""
     if gpus:
-        return {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
+        env = {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}
+        return {**env, "OMP_NUM_THREADS": str(config.threads)} if config.threads else env
+    threads = str(config.threads or max(1, (os.cpu_count() or 1) // max(1, config.workers)))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -571,21 +619,27 @@ def collect(config: SweepConfig, study=None) -> tuple[list[dict], dict[str, list
 
 
 def write_report(config: SweepConfig, rows: list[dict], curves: dict[str, list[dict]]) -> SweepResult:
-    from .plots import plot_coef_trajectories, plot_entropy_curves, plot_reward_vs_beta, plot_reward_vs_entropy
+    from .pick import fit_exp_entropy
+    from .plots import (entropy_for_scatter, plot_coef_trajectories, plot_entropy_curves, plot_reward_vs_beta,
+                        plot_reward_vs_entropy)
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     best = pick_best(rows, config.tie_tolerance)
     title = f"β sweep: {Path(config.source or config.base_recipe).name}"
     paths: dict[str, Path] = {}
-    written = {
-        "reward_vs_beta": plot_reward_vs_beta(rows, out / "reward_vs_beta.png", best, title),
-        "entropy_curves": plot_entropy_curves(rows, curves, out / "entropy_curves.png"),
-        "coef_trajectories": plot_coef_trajectories(rows, curves, out / "coef_trajectories.png"),
-    }
-    scatter, fit = plot_reward_vs_entropy(rows, out / "reward_vs_entropy.png")
-    written["reward_vs_entropy"] = scatter
-    paths.update({k: v for k, v in written.items() if v is not None})
+    if config.plots:
+        written = {
+            "reward_vs_beta": plot_reward_vs_beta(rows, out / "reward_vs_beta.png", best, title),
+            "entropy_curves": plot_entropy_curves(rows, curves, out / "entropy_curves.png"),
+            "coef_trajectories": plot_coef_trajectories(rows, curves, out / "coef_trajectories.png"),
+        }
+        scatter, fit = plot_reward_vs_entropy(rows, out / "reward_vs_entropy.png")
+        written["reward_vs_entropy"] = scatter
+        paths.update({k: v for k, v in written.items() if v is not None})
+    else:
+        pairs = [(entropy_for_scatter(r)[0], r.get("val_reward")) for r in rows if r.get("status") == "complete"]
+        fit = fit_exp_entropy([h for h, _ in pairs], [reward for _, reward in pairs])
     thr = config.thresholds
     notes = [
         f"collapsed: mean training entropy over the last {thr.window:.0%} of logged steps < "

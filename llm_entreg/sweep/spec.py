@@ -28,7 +28,7 @@ from .grid import GridError, TrialSpec, build_trials, parse_float_list, parse_in
 from .pick import Thresholds
 
 SPEC_KEYS = {"base_recipe", "entropy_coef", "log_range", "schedules", "seeds", "overrides", "end_ratio", "out",
-             "thresholds", "tie_tolerance", "description"}
+             "thresholds", "tie_tolerance", "threads", "description"}
 DEFAULT_TRIAL_FN = "llm_entreg.run:run"
 DRY_RUN_TRIAL_FN = "llm_entreg.sweep.fake:fake_run"
 
@@ -55,9 +55,12 @@ class SweepConfig:
     devices: str = "auto"
     heartbeat: int = 60
     keep_checkpoints: bool = False
+    threads: int | None = None  # torch intra-op threads per trial (None: torch's default in-process; cores/workers in workers)
     trial_fn: str | Callable = DEFAULT_TRIAL_FN
     progress: bool = True
+    plots: bool = True
     source: str | None = None  # the spec or recipe the sweep was started from
+    recipes: dict[str, dict] | None = None  # resolved trial recipes, filled by the runner (workers skip re-validation)
 
     @property
     def parallel(self) -> bool:
@@ -88,7 +91,7 @@ class SweepConfig:
 
     def record(self) -> dict[str, Any]:
         """A JSON-able description written to ``sweep.json``."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("trials", "trial_fn", "thresholds")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("trials", "trial_fn", "thresholds", "recipes")}
         out["trials"] = [t.id for t in self.trials]
         out["trial_fn"] = self.trial_fn_name
         out["thresholds"] = self.thresholds.as_dict()
@@ -195,9 +198,13 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
     workers = int(options.pop("workers", 1) or 1)
     if workers < 1:
         raise SweepError(f"--workers: must be >= 1, got {workers}")
+    threads = options.pop("threads", None)
+    threads = threads if threads is not None else spec.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SweepError(f"--threads: expected a positive integer, got {threads!r}")
     return SweepConfig(
         base_recipe=str(base), trials=build_trials(coefs, scheds, seed_list),
         out_dir=str(out or spec.get("out") or default_out_dir(source)), overrides=overrides, real=real,
-        end_ratio=end, thresholds=thr, tie_tolerance=tol, workers=workers, source=str(source),
+        end_ratio=end, thresholds=thr, tie_tolerance=tol, workers=workers, threads=threads, source=str(source),
         **{k: v for k, v in options.items() if k != "real" and v is not None},
     )
