@@ -10,6 +10,8 @@ One call gives a run everything it needs::
     d.preference_train                 # DPO: prompt / chosen / rejected
     d.prompts_train, d.reward_funcs    # GRPO / PPO: prompt / answer / task + verifiable rewards
     d.evaluate(model)                  # held-out accuracy, reward, entropy, NLL on the validation split
+    rm_path, _ = ensure_reward_model(d)  # learned reward model (tasks.reward_model): ~10 s once, then cached;
+                                         # GRPOTrainer(reward_funcs=[str(rm_path)]), score_texts() to evaluate
 
 The task is small-number addition (``"12+7="`` -> ``"19"``) by default, ``"reverse"`` or ``"mix"`` on request; the
 model a 2-layer Qwen2 of width 64 (~165k parameters, byte-level vocabulary of 260) warm-started until it answers
@@ -48,6 +50,20 @@ from .evaluation import (
     torch_threads,
 )
 from .model import ARCHS, build_tiny_model, count_parameters, tiny_model_config
+from .reward_model import (
+    RewardModelConfig,
+    build_reward_model,
+    encode_texts,
+    ensure_reward_model,
+    is_valid_reward_model,
+    load_reward_model,
+    pairwise_accuracy,
+    read_reward_marker,
+    reward_model_dir,
+    reward_model_key,
+    score_texts,
+    train_reward_model,
+)
 from .rewards import (
     REWARD_FUNCS,
     completion_text,
@@ -82,6 +98,7 @@ __all__ = [
     "PAD_TOKEN",
     "Problem",
     "REWARD_FUNCS",
+    "RewardModelConfig",
     "SPECIAL_TOKENS",
     "SPLITS",
     "TASKS",
@@ -92,6 +109,7 @@ __all__ = [
     "WarmStartConfig",
     "build_datasets",
     "build_default",
+    "build_reward_model",
     "build_tiny_model",
     "build_tokenizer",
     "cache_root",
@@ -99,25 +117,35 @@ __all__ = [
     "correctness_reward",
     "count_parameters",
     "encode_supervised",
+    "encode_texts",
+    "ensure_reward_model",
     "ensure_warm_start",
     "evaluate",
     "format_reward",
     "generate_completions",
     "get_reward_funcs",
+    "is_valid_reward_model",
     "is_valid_warm_start",
+    "load_reward_model",
     "load_warm_start",
     "make_splits",
+    "pairwise_accuracy",
     "partial_credit_reward",
     "preference_dataset",
     "problems_from_dataset",
     "prompt_dataset",
     "read_marker",
+    "read_reward_marker",
     "reference_stats",
+    "reward_model_dir",
+    "reward_model_key",
+    "score_texts",
     "sft_dataset",
     "solve",
     "tiny_model_config",
     "tokenize_prompts",
     "torch_threads",
+    "train_reward_model",
     "train_warm_start",
     "warm_start",
     "warm_start_dir",
