@@ -299,10 +299,29 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
     # ------------------------------------------------------------------ critic optimizer, checkpoints
     def _entropy_end_of_step(self) -> None:
         super()._entropy_end_of_step()
+        self._average_value_grads()
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.args.max_grad_norm)
         self.value_optimizer.step()
         self.value_optimizer.zero_grad(set_to_none=True)
+
+    def _average_value_grads(self) -> None:
+        """Average the critic's gradients over the data-parallel ranks where nothing else does.
+
+        ``accelerator.prepare_model`` wraps the critic in DDP only for MULTI_GPU / MULTI_CPU; under DeepSpeed it comes
+        back unwrapped, so without this each rank would step its own critic on ``W x`` its local share of the
+        (globally normalized) value loss and the critics would drift apart.
+        """
+        if self.accelerator.num_processes == 1 or isinstance(self.value_model, nn.parallel.DistributedDataParallel):
+            return
+        import torch.distributed as dist
+
+        for p in self.value_model.parameters():
+            if p.requires_grad:
+                if p.grad is None:  # every rank must take part in every all-reduce
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.accelerator.num_processes)
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
