@@ -25,7 +25,8 @@ class EntropyGRPOConfig(EntropyRegularizationArguments, GRPOConfig):
     ``entropy_coef``, ``entropy_target``, ``entropy_coef_min/max/delta`` keep TRL's names but drive our
     regularizers; TRL's ``use_adaptive_entropy`` is replaced by ``entropy_controller="target_entropy"``.
     ``top_entropy_quantile`` keeps TRL's meaning (which tokens the *policy* loss uses, "80/20"); the bonus has its
-    own ``entropy_bonus_top_quantile``.
+    own ``entropy_bonus_top_quantile``. ``entropy_level="reward"`` adds ``α · Σ_t H_t`` of each completion to its
+    reward before the group normalization (:class:`EntropyReward`).
     """
 
     use_adaptive_entropy: bool = field(
@@ -39,13 +40,44 @@ class EntropyGRPOConfig(EntropyRegularizationArguments, GRPOConfig):
                 "use_adaptive_entropy: TRL's own controller is replaced here; set entropy_controller='target_entropy' "
                 "(same entropy_target / entropy_coef_delta / entropy_coef_min / entropy_coef_max fields)"
             )
-        if self.entropy_level == "reward":
-            raise ValueError(
-                "entropy_level: 'reward' is not available in GRPO yet (its advantages are group-normalized sequence "
-                "rewards); use 'token' or 'sequence', or the PPO trainer for entropy in the reward"
-            )
         super().__post_init__()
         self.validate_entropy_arguments()
+
+
+class EntropyReward:
+    """Entropy in the reward for GRPO: ``α · Σ_t H_t`` of each sampled completion under the current policy.
+
+    Registered as one more reward function (weight 1, logged as ``rewards/entropy_reward/*``), so it enters the
+    sequence reward before TRL's group normalization — GRPO's advantages are per sequence, hence the per-sequence
+    sum of per-token entropies (the chain-rule estimate of the sequence entropy). α is read at call time, so
+    schedules and controllers apply. Costs one no-grad forward of the policy over the completions.
+    """
+
+    __name__ = "entropy_reward"
+
+    def __init__(self):
+        self.trainer = None
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        trainer = self.trainer
+        device = trainer.accelerator.device
+        pad = trainer.processing_class.pad_token_id if hasattr(trainer.processing_class, "pad_token_id") else 0
+        prompt_ids = trainer._tokenize_prompts(prompts)[0]
+        p_len = max(len(p) for p in prompt_ids)
+        c_len = max(1, max(len(c) for c in completion_ids))
+        ids = torch.full((len(prompt_ids), p_len + c_len), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):  # prompts left-padded, completions right
+            ids[row, p_len - len(p) : p_len] = torch.as_tensor(list(p))
+            ids[row, p_len : p_len + len(c)] = torch.as_tensor(list(c))
+            attention[row, p_len - len(p) : p_len + len(c)] = 1
+        _, entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, ids.to(device), attention.to(device), c_len, compute_entropy=True
+        )
+        mask = attention[:, p_len:].to(device).bool()
+        alpha = trainer.entropy_coefficient.value
+        return (alpha * (entropy.float() * mask).sum(-1)).tolist()
 
 
 class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
@@ -65,8 +97,23 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         if config is None or not isinstance(config, EntropyGRPOConfig):
             raise ValueError(f"args: expected an EntropyGRPOConfig, got {type(config).__name__}")
         # The entropies are captured from `_get_per_token_logps_and_entropies` (already cut to the completion)
+        self._entropy_reward = None
+        if config.entropy_level == "reward":
+            positional = "reward_funcs" not in kwargs and len(args) > 1
+            funcs = args[1] if positional else kwargs.get("reward_funcs")
+            funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+            self._entropy_reward = EntropyReward()
+            if config.reward_weights is not None:
+                config.reward_weights = list(config.reward_weights) + [1.0]
+            funcs = funcs + [self._entropy_reward]
+            if positional:
+                args = (args[0], funcs, *args[2:])
+            else:
+                kwargs["reward_funcs"] = funcs
         with self._our_fused_head(trl_grpo_module, config.fused_head_backend, capture_outputs=False):
             super().__init__(*args, **kwargs)
+        if self._entropy_reward is not None:
+            self._entropy_reward.trainer = self
         # TRL's own entropy bonus must not apply a second time: ours is the single source of the term
         self._entropy_bonus_enabled = False
         self.use_adaptive_entropy = False
@@ -93,4 +140,7 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self._entropy_check_finite(loss, entropy, mask)
         if mode == "train":
             self._generation_window_counts(inputs, mask)
-        return loss + self._entropy_loss(entropy, mask, mode)
+        if self.entropy_bonus.entropy_level != "reward":
+            return loss + self._entropy_loss(entropy, mask, mode)
+        self._entropy_measure_only(entropy, mask, mode)  # the bonus is in the rewards (EntropyReward)
+        return loss

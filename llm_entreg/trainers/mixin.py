@@ -327,6 +327,15 @@ class EntropyRegularizationMixin:
         self._entropy_record(h_sum, n_tok, coef, bonus.item(), mode)
         return term * scale
 
+    def _entropy_measure_only(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
+        """Entropy in the reward: no loss term, but the controllers still step on the measured entropy, and the
+        coefficient and ``α · H̄`` (global token mean) are logged."""
+        with torch.no_grad():
+            h_sum, n_tok = (entropy.detach().float() * mask).sum(), mask.sum()
+            totals = self.accelerator.reduce(torch.stack([h_sum, n_tok.float()]), reduction="sum")
+        coef = self.entropy_coefficient.value
+        self._entropy_record(h_sum, n_tok, coef, coef * (totals[0] / totals[1].clamp(min=1)).item(), mode)
+
     def _entropy_record(self, h_sum: torch.Tensor, n_tok: torch.Tensor, coef: float, bonus: float, mode: str):
         """Log the coefficient and the bonus, and accumulate the measured entropy the controllers step on."""
         if mode == "train":

@@ -267,12 +267,8 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self._entropy_check_finite(loss, entropy, mask)
         if self.entropy_bonus.entropy_level != "reward":
             loss = loss + self._entropy_loss(entropy, mask, mode)
-        else:  # the bonus went into the rewards at rollout; still measure the entropy the controllers step on
-            with torch.no_grad():
-                h_sum, n_tok = (entropy.detach().float() * mask).sum(), mask.sum()
-                coef = self.entropy_coefficient.value
-                totals = self.accelerator.reduce(torch.stack([h_sum, n_tok.float()]), reduction="sum")
-            self._entropy_record(h_sum, n_tok, coef, coef * (totals[0] / totals[1].clamp(min=1)).item(), mode)
+        else:
+            self._entropy_measure_only(entropy, mask, mode)  # the bonus went into the rewards at rollout
 
         prompt_completion = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

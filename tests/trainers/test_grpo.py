@@ -78,11 +78,9 @@ def test_matches_trl_grpo_with_the_same_entropy_coef(default, tmp_path, coef):
         assert any(not torch.allclose(grads_0[n], grads_o[n]) for n in grads_o)
 
 
-def test_config_refuses_trl_adaptive_and_reward_level(tmp_path):
+def test_config_refuses_trl_adaptive_and_negative_coef(tmp_path):
     with pytest.raises(ValueError, match="^use_adaptive_entropy"):
         EntropyGRPOConfig(**_common(tmp_path), use_adaptive_entropy=True)
-    with pytest.raises(ValueError, match="^entropy_level"):
-        EntropyGRPOConfig(**_common(tmp_path), entropy_level="reward")
     with pytest.raises(ValueError, match="^entropy_coef"):
         EntropyGRPOConfig(**_common(tmp_path), entropy_coef=-1.0)
 
@@ -107,3 +105,30 @@ def test_grpo_run_raises_reward_and_bonus_keeps_entropy_higher(tmp_path):
     assert mean_h[1] > mean_h[0] + 0.01, mean_h
     assert bonus["held_out_after"]["ref_entropy"] > plain["held_out_after"]["ref_entropy"]
     assert all(r["entropy_coef"] == 1.0 for r in bonus_log) and all(r["entropy_bonus"] > 0 for r in bonus_log)
+
+
+def test_entropy_in_the_reward_is_alpha_times_the_sequence_entropy(default, tmp_path):
+    """entropy_level="reward": one more reward function, α · Σ_t H_t of each completion, checked against the float64
+    reference op on materialized logits; it enters TRL's reward sum (and so the group-normalized advantages)."""
+    from llm_entreg.ops.reference import reference_token_stats
+
+    alpha = 0.5
+    trainer = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, default.load_model(), default, tmp_path,
+                       entropy_level="reward", entropy_coef=alpha)
+    assert trainer.reward_funcs[-1].__name__ == "entropy_reward" and len(trainer.reward_weights) == 2
+    prompts = ["12+7=", "3+45="]
+    completions = [[52, 54, 3], [52, 3]]  # byte tokens "02<eos>", "0<eos>" (arbitrary sampled tokens)
+    got = trainer.reward_funcs[-1](prompts=prompts, completions=["", ""], completion_ids=completions)
+    model = trainer.model.double()
+    for prompt, completion, value in zip(prompts, completions, got):
+        p = trainer.processing_class(text=prompt)["input_ids"]
+        ids = torch.tensor([p + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(p) - 1 : -1]
+        h = reference_token_stats(logits, torch.tensor(completion), dtype=torch.float64).entropy
+        assert value == pytest.approx(alpha * h.sum().item(), rel=1e-5)
+    trainer.model.float()
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert trainer._metrics["train"]["rewards/entropy_reward/mean"][-1] > 0
