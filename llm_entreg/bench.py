@@ -257,7 +257,7 @@ def _summary(times: list[float]) -> dict:
 def _time_all(
     runners: dict, warmup: int, repeats: int, device: torch.device, order: str, inputs, progress=None
 ) -> dict:
-    """Times every runner; ``interleaved`` runs repeat r of every implementation before repeat r+1 of any, so
+    """Times every runner -> ``{spec: (wall times, process CPU times)}``; ``interleaved`` runs repeat r of every implementation before repeat r+1 of any, so
     load that drifts over the run (a shared machine) hits all implementations alike. Errors come back as strings."""
 
     def clear():
@@ -268,10 +268,14 @@ def _time_all(
 
     out: dict = {}
     live = dict(runners)
+    cpu_times: dict = {}
 
     def attempt(spec, fn, i):
         try:
+            c0 = time.process_time()
             t = _time(fn, 0, 1, device)[0]
+            if i >= warmup:
+                cpu_times.setdefault(spec, []).append(time.process_time() - c0)
             if progress is not None:
                 progress(f"    {spec:<22} {'warmup' if i < warmup else f'repeat {i - warmup + 1}/{repeats}'}: "
                          f"{t * 1e3:,.1f} ms")
@@ -293,7 +297,7 @@ def _time_all(
                 if i >= warmup:
                     times.append(t)
             else:
-                out[spec] = times
+                out[spec] = (times, cpu_times[spec])
         return out
     times = {spec: [] for spec in runners}
     for i in range(warmup + repeats):
@@ -302,7 +306,7 @@ def _time_all(
             if t is not None and i >= warmup:
                 times[spec].append(t)
     for spec in live:
-        out[spec] = times[spec]
+        out[spec] = (times[spec], cpu_times.get(spec, []))
     return out
 
 
@@ -555,6 +559,8 @@ def build_parser(prog: str = "bench_entropy.py") -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=("both", "fwdbwd", "off"), default=None,
                    help="peak-memory measurements: fwd and fwd+bwd, fwd+bwd only, or none "
                         "(default both; --quick: fwdbwd). On the CPU each is a fresh subprocess.")
+    p.add_argument("--mem-impls", default=None,
+                   help="comma list: measure the memory of these implementations only (default: every one timed)")
     p.add_argument("--mem-jobs", type=int, default=1,
                    help="CPU memory subprocesses run at once (default 1; each measures its own RSS, so >1 only "
                         "costs RAM, not accuracy)")
@@ -562,6 +568,8 @@ def build_parser(prog: str = "bench_entropy.py") -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny size that runs in seconds on the CPU (README / tests)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every timed call as it finishes")
     p.add_argument("--tag", default=None, help="suffix of the output file names")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only re-render the markdown (and ratios) of a saved result JSON, next to it")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -615,6 +623,25 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
         impls[spec] = impl
         results[spec] = {"status": "ok", "note": impl.note, "has_entropy": impl.has_entropy}
 
+    # CPU peak memory: fresh subprocesses, started now so that they overlap the (untimed) correctness checks; they
+    # are all finished before anything is timed, so they never compete with a timed call.
+    mem_modes = {"both": ("fwd", "fwdbwd"), "fwdbwd": ("fwdbwd",), "off": ()}[args.memory]
+    wanted = None if args.mem_impls is None else {s.strip() for s in args.mem_impls.split(",") if s.strip()}
+    mem_specs = [spec for spec in impls if wanted is None or spec in wanted]
+    cpu_mem = None
+    if device.type != "cuda" and mem_modes:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def child(job):
+            spec, mode = job
+            cfg = dict(impl=spec, mode=mode, n=n, d=d, vocab=vocab, dtype=args.dtype, seed=args.seed,
+                       threads=torch.get_num_threads(), token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk)
+            return _cpu_memory(cfg, args.mem_timeout)
+
+        pool = ThreadPoolExecutor(max_workers=max(1, args.mem_jobs))
+        cpu_mem = {(spec, mode): pool.submit(child, (spec, mode)) for spec in mem_specs for mode in mem_modes}
+        pool.shutdown(wait=False)
+
     # Correctness guard first: a broken implementation is never timed.
     k = min(n, args.check_tokens)
     for spec, impl in list(impls.items()):
@@ -632,6 +659,15 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
         if not chk["passed"]:
             results[spec]["status"] = "check_failed"
             del impls[spec]
+
+    jobs = [(spec, mode) for spec in mem_specs if spec in impls for mode in mem_modes]
+    for spec in impls:
+        results[spec]["memory"] = {}
+    if cpu_mem is not None:
+        for (spec, mode), fut in cpu_mem.items():
+            mem = fut.result()
+            if spec in impls:  # an implementation that failed its check gets no figures
+                results[spec]["memory"][mode] = mem
 
     mm = _mm_rate(n, d, vocab, dtype, device, args.warmup, args.repeats)
     log(f"  matmul reference {mm['shape']} {args.dtype}: {mm['flops_per_s'] / 1e12:.3f} TFLOP/s")
@@ -652,7 +688,10 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
                 res[mode] = {"error": value}
                 res["status"] = "error"
                 continue
-            res[mode] = _summary(value)
+            res[mode] = _summary(value[0])
+            # Process CPU time (all threads): less sensitive than wall time to other jobs on a shared machine.
+            res[mode]["cpu_times_s"] = value[1]
+            res[mode]["cpu_median_s"] = statistics.median(value[1]) if value[1] else None
             factor = 2 if mode == "fwd" else impls[spec].fwdbwd_flop_factor
             flops = factor * nominal / res[mode]["median_s"]
             res[mode]["flop_factor"] = factor
@@ -661,11 +700,7 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
     for spec in impls:
         log(f"  {spec:<24} fwd {_fmt_time(results[spec].get('fwd'))}  fwd+bwd {_fmt_time(results[spec].get('fwdbwd'))}")
 
-    # Peak extra memory.
-    mem_modes = {"both": ("fwd", "fwdbwd"), "fwdbwd": ("fwdbwd",), "off": ()}[args.memory]
-    jobs = [(spec, mode) for spec in impls for mode in mem_modes]
-    for spec in impls:
-        results[spec]["memory"] = {}
+    # GPU peak memory: allocator statistics in this process, after the timings.
     if device.type == "cuda":
         for spec, mode in jobs:
             try:
@@ -675,18 +710,6 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
                 inputs[0].grad = inputs[1].grad = None
                 torch.cuda.empty_cache()
             results[spec]["memory"][mode] = mem
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        def child(job):
-            spec, mode = job
-            cfg = dict(impl=spec, mode=mode, n=n, d=d, vocab=vocab, dtype=args.dtype, seed=args.seed,
-                       threads=torch.get_num_threads(), token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk)
-            return _cpu_memory(cfg, args.mem_timeout)
-
-        with ThreadPoolExecutor(max_workers=max(1, args.mem_jobs)) as pool:
-            for (spec, mode), mem in zip(jobs, pool.map(child, jobs)):
-                results[spec]["memory"][mode] = mem
     for spec, mode in jobs:
         mem = results[spec]["memory"][mode]
         if mem.get("status") == "ok":
@@ -710,7 +733,7 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
         "device": info,
         "config": {
             "n": n, "d": d, "vocab": vocab, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-            "impls": specs, "order": args.order, "seed": args.seed, "check_tokens": k, "memory": args.memory, "quick": args.quick,
+            "impls": specs, "mem_impls": args.mem_impls, "order": args.order, "seed": args.seed, "check_tokens": k, "memory": args.memory, "quick": args.quick,
             "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk,
             "loss": "(g_lp * logp).sum() + (g_H * H).sum(), g ~ N(0,1) per token; grads to hidden and weight",
             "flops": "fwd 2NdV; fwd+bwd 8NdV with a recomputing backward, 6NdV when the logits are kept",
@@ -733,8 +756,8 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
     return report
 
 
-def _median(res: dict, mode: str):
-    return res.get(mode, {}).get("median_s") if isinstance(res.get(mode), dict) else None
+def _median(res: dict, mode: str, key: str = "median_s"):
+    return res.get(mode, {}).get(key) if isinstance(res.get(mode), dict) else None
 
 
 def _mem(res: dict, mode: str, key: str = "peak_extra_bytes"):
@@ -757,6 +780,12 @@ def _ratios(results: dict) -> dict:
         out[spec] = {
             "fwd_time_vs_trl_chunked": div(_median(res, "fwd"), _median(trl, "fwd")),
             "fwdbwd_time_vs_trl_chunked": div(_median(res, "fwdbwd"), _median(trl, "fwdbwd")),
+            # On a shared machine the fastest repeat and the process CPU time are less disturbed by other jobs.
+            "fwd_min_time_vs_trl_chunked": div(_median(res, "fwd", "min_s"), _median(trl, "fwd", "min_s")),
+            "fwdbwd_min_time_vs_trl_chunked": div(_median(res, "fwdbwd", "min_s"), _median(trl, "fwdbwd", "min_s")),
+            "fwdbwd_cpu_time_vs_trl_chunked": div(
+                _median(res, "fwdbwd", "cpu_median_s"), _median(trl, "fwdbwd", "cpu_median_s")
+            ),
             "fwd_time_vs_naive": div(_median(res, "fwd"), _median(naive, "fwd")),
             "fwdbwd_time_vs_naive": div(_median(res, "fwdbwd"), _median(naive, "fwdbwd")),
             "fwd_mem_vs_naive": div(_mem(res, "fwd"), _mem(naive, "fwd")),
@@ -820,13 +849,16 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt(_mib(_mem(res, 'fwdbwd', 'peak_extra_excl_grads_bytes')), ',.1f')} "
             f"| {_fmt(fb.get('tflops'), '.3f')} | {_fmt(None if fb.get('fraction_of_mm') is None else 100 * fb['fraction_of_mm'], '.0f')} |"
         )
-    lines += ["", "Ratios (same run; time vs `trl_chunked`, memory vs `naive`):", "",
-              "| impl | fwd time / trl | fwd+bwd time / trl | fwd+bwd time / naive | fwd mem / naive "
-              "| fwd+bwd mem / naive | fwd+bwd mem excl. grads / naive |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Ratios (same run; time vs `trl_chunked` — of medians unless marked min (fastest repeat) or CPU "
+              "(median process CPU time, all threads) — memory vs `naive`):", "",
+              "| impl | fwd time / trl | fwd+bwd time / trl | fwd+bwd min time / trl | fwd+bwd CPU time / trl "
+              "| fwd+bwd time / naive | fwd mem / naive | fwd+bwd mem / naive | fwd+bwd mem excl. grads / naive |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for spec, r in report["ratios"].items():
         lines.append(
             f"| {spec} | {_fmt(r['fwd_time_vs_trl_chunked'], '.3f')} | {_fmt(r['fwdbwd_time_vs_trl_chunked'], '.3f')} "
+            f"| {_fmt(r.get('fwdbwd_min_time_vs_trl_chunked'), '.3f')} "
+            f"| {_fmt(r.get('fwdbwd_cpu_time_vs_trl_chunked'), '.3f')} "
             f"| {_fmt(r['fwdbwd_time_vs_naive'], '.3f')} | {_fmt(r['fwd_mem_vs_naive'], '.3f')} "
             f"| {_fmt(r['fwdbwd_mem_vs_naive'], '.3f')} | {_fmt(r['fwdbwd_mem_excl_grads_vs_naive'], '.3f')} |"
         )
@@ -845,6 +877,15 @@ def main(argv: list[str] | None = None) -> int:
     if args._child is not None:
         result = _cpu_memory_child(json.loads(args._child))
         print(_CHILD_TAG + json.dumps(result), flush=True)
+        return 0
+    if args.render is not None:
+        path = Path(args.render)
+        report = json.loads(path.read_text())
+        report["ratios"] = _ratios(report["results"])
+        md = render_markdown(report)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.with_suffix(".md").write_text(md)
+        print(md)
         return 0
     report = run_bench(args, argv)
     bad = [s for s, r in report["results"].items() if r.get("status") in ("check_failed", "error")]

@@ -22,8 +22,10 @@ def _run(argv, log=lambda s: None):
 
 @pytest.mark.slow
 def test_quick_run_writes_results_and_every_impl_passes(tmp_path):
-    impls = "naive,trl_chunked,ours_chunked,ours_torch,ours_triton,liger,ours_chunked@32x512"
-    report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", impls, "--mem-jobs", "5"])
+    # The default set (the skipped ones must say why). A memory subprocess costs a fresh interpreter (TRL's backward
+    # alone imports trl.trainer: ~7 s), so the test measures the memory of two of them.
+    report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--mem-impls", "naive,ours_chunked",
+                   "--mem-jobs", "2"])
 
     json_path, md_path = Path(report["files"]["json"]), Path(report["files"]["markdown"])
     assert json_path.parent == tmp_path and json_path.is_file() and md_path.is_file()
@@ -33,7 +35,7 @@ def test_quick_run_writes_results_and_every_impl_passes(tmp_path):
     md = md_path.read_text()
 
     results = on_disk["results"]
-    ran = ["naive", "trl_chunked", "ours_chunked", "ours_torch", "ours_chunked@32x512"]
+    ran = ["naive", "trl_chunked", "ours_chunked"]
     assert results["ours_triton"]["status"] == "skipped" and "CUDA" in results["ours_triton"]["reason"]
     if results["liger"]["status"] == "skipped":
         assert results["liger"]["reason"]
@@ -47,10 +49,12 @@ def test_quick_run_writes_results_and_every_impl_passes(tmp_path):
             assert len(times) == on_disk["config"]["repeats"] and all(t > 0 for t in times)
             assert res[mode]["min_s"] <= res[mode]["median_s"] <= res[mode]["max_s"]
             assert res[mode]["tflops"] > 0
-        mem = res["memory"]["fwdbwd"]
+        assert f"| {spec} | ok " in md
+    for spec in ("naive", "ours_chunked"):
+        mem = results[spec]["memory"]["fwdbwd"]
         assert mem["status"] == "ok", (spec, mem)
         assert mem["peak_extra_bytes"] >= 0 and mem["grad_bytes"] == (128 * 64 + 3001 * 64) * 4
-        assert f"| {spec} | ok " in md
+    assert results["trl_chunked"]["memory"] == {}
     ratios = on_disk["ratios"]
     assert ratios["trl_chunked"]["fwdbwd_time_vs_trl_chunked"] == pytest.approx(1.0)
     assert ratios["ours_chunked"]["fwdbwd_time_vs_trl_chunked"] > 0
@@ -69,13 +73,17 @@ def test_broken_implementation_fails_the_guard_and_is_not_timed(tmp_path, monkey
         return impl, reason
 
     monkeypatch.setattr(bench, "resolve_impl", resolve)
-    report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls", "naive,ours_chunked",
-                   "--memory", "off", "--repeats", "1", "--warmup", "0"])
+    report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls",
+                   "naive,ours_chunked,ours_torch,ours_chunked@32x512", "--memory", "off", "--repeats", "1",
+                   "--warmup", "0"])
     bad = report["results"]["ours_chunked"]
     assert bad["status"] == "check_failed" and not bad["check"]["passed"]
     assert bad["check"]["max_abs_diff_entropy"] == pytest.approx(0.01, rel=1e-2)
     assert "fwd" not in bad and "fwdbwd" not in bad
-    assert report["results"]["naive"]["fwd"]["median_s"] > 0
+    for spec in ("naive", "ours_torch", "ours_chunked@32x512"):  # the others pass and are timed
+        good = report["results"][spec]
+        assert good["status"] == "ok" and good["check"]["passed"], (spec, good)
+        assert good["fwd"]["median_s"] > 0 and good["fwdbwd"]["median_s"] > 0
     assert "FAILED" in Path(report["files"]["markdown"]).read_text()
 
 

@@ -18,9 +18,11 @@ import torch
 
 from ._common import TokenStats, gathered_params
 
-#: Default tile sizes. Tokens x vocabulary fp32 tile: 1024 x 8192 x 4 B = 32 MiB on the CPU.
+#: Default tile sizes. Tokens x vocabulary fp32 tile on the CPU: 1024 x 4096 x 4 B = 16 MiB. A 32 MiB tile sits at
+#: glibc's largest mmap threshold, so each tile-sized temporary is a fresh mmap (page faults + zeroing); 16 MiB
+#: tiles reuse freed heap memory: 0.57x TRL's fwd+bwd time vs 0.63x at 1024 x 8192 (docs/benchmarks.md, run 2).
 TOKEN_CHUNK = {"cpu": 1024, "cuda": 4096}
-VOCAB_CHUNK = {"cpu": 8192, "cuda": 32768}
+VOCAB_CHUNK = {"cpu": 4096, "cuda": 32768}
 _NEG_CLAMP = -1.0e4  # log-probs below this have p == 0 in fp32; clamping them avoids 0 * -inf
 _NEG_BIG = -1.0e30  # stands in for -inf shifted logits in the forward (exp gives 0, and 0 * it gives 0)
 
