@@ -115,6 +115,9 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                        "machines); default with --workers > 1: sqlite in the sweep directory")
     where.add_argument("--study-name", default=None, help="Optuna study name (same on every machine)")
     where.add_argument("--devices", default=None, help="auto (one GPU per worker if any), cpu, or a list 0,1,...")
+    where.add_argument("--accelerate-config", default=None,
+                       help="run each trial under `accelerate launch` with configs/NAME.yaml (or a path), e.g. "
+                       "cpu_ddp_2proc: a trial on 2 processes")
     where.add_argument("--threads", type=int, default=None,
                        help="torch threads per trial (default: torch's own in-process; cores / workers for CPU "
                        "workers); 1 is fastest for tiny models on a busy CPU")
@@ -147,7 +150,7 @@ def _sweep(argv: list[str]) -> int:
     from .sweep.spec import DRY_RUN_TRIAL_FN, SweepError, build_config
 
     options = dict(workers=args.workers, storage=args.storage, study_name=args.study_name, devices=args.devices,
-                   heartbeat=args.heartbeat, threads=args.threads, keep_checkpoints=args.keep_checkpoints or None,
+                   heartbeat=args.heartbeat, threads=args.threads, accelerate_config=args.accelerate_config, keep_checkpoints=args.keep_checkpoints or None,
                    trial_fn=args.trial_fn or (DRY_RUN_TRIAL_FN if args.dry_run else None),
                    progress=False if args.no_progress else None, plots=False if args.no_plots else None,
                    real=args.real)

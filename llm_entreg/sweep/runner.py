@@ -88,6 +88,8 @@ def trial_recipe(config: SweepConfig, trial: TrialSpec) -> dict:
     except RecipeError as exc:
         raise SweepError(f"trial {trial.id}: {exc}") from exc
     recipe["trainer"]["output_dir"] = str(trial_dir(config, trial))
+    if config.accelerate_config:
+        recipe["launcher"] = {"accelerate_config": config.accelerate_config}
     if "disable_tqdm" in trainer_fields(recipe["algorithm"]):
         recipe["trainer"].setdefault("disable_tqdm", True)  # the sweep has its own progress bar
     return recipe

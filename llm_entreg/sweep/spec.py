@@ -28,7 +28,7 @@ from .grid import GridError, TrialSpec, build_trials, parse_float_list, parse_in
 from .pick import Thresholds
 
 SPEC_KEYS = {"base_recipe", "entropy_coef", "log_range", "schedules", "seeds", "overrides", "end_ratio", "out",
-             "thresholds", "tie_tolerance", "threads", "description"}
+             "thresholds", "tie_tolerance", "threads", "description", "accelerate_config"}
 DEFAULT_TRIAL_FN = "llm_entreg.run:run"
 DRY_RUN_TRIAL_FN = "llm_entreg.sweep.fake:fake_run"
 
@@ -55,6 +55,7 @@ class SweepConfig:
     devices: str = "auto"
     heartbeat: int = 60
     keep_checkpoints: bool = False
+    accelerate_config: str | None = None  # run each trial under `accelerate launch` with this config (NAME or path)
     threads: int | None = None  # torch intra-op threads per trial (None: torch's default in-process; cores/workers in workers)
     trial_fn: str | Callable = DEFAULT_TRIAL_FN
     progress: bool = True
@@ -198,6 +199,15 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
     workers = int(options.pop("workers", 1) or 1)
     if workers < 1:
         raise SweepError(f"--workers: must be >= 1, got {workers}")
+    accelerate_config = options.pop("accelerate_config", None) or spec.get("accelerate_config")
+    if accelerate_config is not None:
+        from ..cli import resolve_accelerate_config
+        from .launch import ACCELERATE_TRIAL_FN
+
+        resolve_accelerate_config(str(accelerate_config))  # fail now, naming the config, not in every trial
+        if options.get("trial_fn") is None:
+            options["trial_fn"] = ACCELERATE_TRIAL_FN
+        options["accelerate_config"] = str(accelerate_config)
     threads = options.pop("threads", None)
     threads = threads if threads is not None else spec.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
