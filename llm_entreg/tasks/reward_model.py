@@ -48,10 +48,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,7 +57,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .evaluation import torch_threads
-from .warmstart import _locked, _transformers_version, cache_root, load_warm_start
+from .cache import build_once
+from .warmstart import _transformers_version, cache_root, load_warm_start
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import EmbeddedDefault
@@ -665,53 +664,33 @@ def ensure_reward_model(
     config = config or RewardModelConfig()
     final = reward_model_dir(default, config, cache_dir)
     key = final.name
-    if not force and is_valid_reward_model(final, key):
-        return final, True
-    parent = final.parent
-    with _locked(parent / f".{final.name}.lock"):
-        if not force and is_valid_reward_model(final, key):  # another process finished it while we waited
-            return final, True
-        for stale in parent.glob(f".tmp-{final.name}-*"):  # leftovers of interrupted runs (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+    def build(tmp: Path) -> dict:
         with torch_threads(num_threads):
             model, tokenizer, metrics = train_reward_model(default, config, log=log)
-        tmp = parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with _quiet_transformers():
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            info = {
-                "complete": True,
-                "format": FORMAT_VERSION,
-                "key": key,
-                "config": config.to_dict(),
-                "warm_start": default.warm_start_info.get("key") or Path(default.model_path).name,
-                "warm_start_path": str(default.model_path),
-                "task": default.task.to_dict(),
-                "seed": default.seed,
-                "input_format": "prompt + completion, add_special_tokens=False, right padding (as GRPOTrainer)",
-                "validation_accuracy": metrics["validation_accuracy"],
-                "validation_accuracy_before": metrics["validation_accuracy_before"],
-                "metrics": metrics,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": {
-                    "torch": torch.__version__,
-                    "transformers": _transformers_version(),
-                    "trl": _trl_version(),
-                },
-            }
-            marker_tmp = tmp / (MARKER + ".part")
-            marker_tmp.write_text(json.dumps(info, indent=2, default=float))
-            os.replace(marker_tmp, tmp / MARKER)  # the marker appears whole or not at all
-            if final.exists():  # invalid (partial / stale / forced): move aside, then delete
-                trash = parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final, False
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return {
+            "complete": True,
+            "format": FORMAT_VERSION,
+            "key": key,
+            "config": config.to_dict(),
+            "warm_start": default.warm_start_info.get("key") or Path(default.model_path).name,
+            "warm_start_path": str(default.model_path),
+            "task": default.task.to_dict(),
+            "seed": default.seed,
+            "input_format": "prompt + completion, add_special_tokens=False, right padding (as GRPOTrainer)",
+            "validation_accuracy": metrics["validation_accuracy"],
+            "validation_accuracy_before": metrics["validation_accuracy_before"],
+            "metrics": metrics,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": _transformers_version(),
+                "trl": _trl_version(),
+            },
+        }
+    return build_once(final, lambda: is_valid_reward_model(final, key), build, MARKER, force)
 
 
 def _trl_version() -> str:

@@ -16,14 +16,11 @@ is discarded and retrained. A per-key file lock (POSIX) makes concurrent callers
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import TaskSpec, make_splits
+from .cache import build_once
 from .evaluation import encode_supervised, evaluate, generate_completions, torch_threads
 from .model import build_tiny_model
 from .rewards import correctness_reward
@@ -148,20 +146,7 @@ def is_valid_warm_start(path: str | os.PathLike, config: WarmStartConfig | None 
     return all((path / name).is_file() and (path / name).stat().st_size > 0 for name in required)
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock, the atomic rename still holds
-        yield
-        return
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
 
 
 def _lr_at(step: int, config: WarmStartConfig) -> float:
@@ -275,42 +260,22 @@ def ensure_warm_start(
     """
     config = config or WarmStartConfig()
     final = warm_start_dir(config, cache_dir)
-    if not force and is_valid_warm_start(final, config):
-        return final, True
-    parent = final.parent
-    with _locked(parent / f".{final.name}.lock"):
-        if not force and is_valid_warm_start(final, config):  # another process finished it while we waited
-            return final, True
-        # Under the lock nobody else writes this key: leftovers of interrupted runs can go.
-        for stale in parent.glob(f".tmp-{final.name}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+
+    def build(tmp: Path) -> dict:
         with torch_threads(num_threads):
             model, tokenizer, metrics = train_warm_start(config, log=log)
-        tmp = parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            info = {
-                "complete": True,
-                "format": FORMAT_VERSION,
-                "key": config.key(),
-                "config": config.to_dict(),
-                "metrics": metrics,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
-            }
-            marker_tmp = tmp / (MARKER + ".part")
-            marker_tmp.write_text(json.dumps(info, indent=2, default=float))
-            os.replace(marker_tmp, tmp / MARKER)  # the marker appears whole or not at all
-            if final.exists():  # invalid (partial / stale / forced): move aside, then delete
-                trash = parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final, False
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return {
+            "complete": True,
+            "format": FORMAT_VERSION,
+            "key": config.key(),
+            "config": config.to_dict(),
+            "metrics": metrics,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        }
+    return build_once(final, lambda: is_valid_warm_start(final, config), build, MARKER, force)
 
 
 def _transformers_version() -> str:
