@@ -460,9 +460,11 @@ def optuna_worker(config: SweepConfig, index: int = 0, log_path: str | None = No
             if other.number == trial.number or _trial_id_of(other, study.sampler) != tid:
                 continue
             row = other.user_attrs.get("row") or {}
-            # of two trials racing for one grid point, the older (lower number) runs it and the newer steps back
+            # of two trials racing for one grid point, the older (lower number) runs it and the newer steps back;
+            # a point that failed in this run is not retried by the grid sampler (only a later run requeues it)
             older_running = other.state == optuna.trial.TrialState.RUNNING and other.number < trial.number
-            if older_running or row.get("status") == "complete":
+            failed_here = row.get("status") == "failed" and not trial.user_attrs.get("requeued")
+            if older_running or row.get("status") == "complete" or failed_here:
                 trial.set_user_attr("duplicate_of", other.number)
                 raise optuna.TrialPruned(f"{tid} is run by trial {other.number}")
         row, reused = run_trial(config, by_id[tid], fn)
