@@ -54,7 +54,7 @@ QUICK = dict(n=128, d=64, vocab=3001, repeats=3, warmup=1)
 #: Tolerances of the correctness guard (vs a float64 naive reference on the check slice).
 TOL = {
     torch.float32: {"logprobs": 2e-3, "entropy": 2e-3, "grad_rel": 1e-3},
-    torch.bfloat16: {"logprobs": 0.15, "entropy": 0.15, "grad_rel": 5e-2},
+    torch.bfloat16: {"logprobs": 5e-2, "entropy": 5e-2, "grad_rel": 5e-2},  # bf16 logits: ~1e-2 observed
 }
 _CHILD_TAG = "BENCH_CHILD_RESULT "
 
