@@ -15,3 +15,36 @@ import torch  # noqa: E402
 
 # The suite's models are tiny: one thread is faster than two on a 2-core CI machine (no contention with itself)
 torch.set_num_threads(1)
+
+
+# Triton kernels on a CPU-only machine run under the interpreter, which must be switched on before the first
+# `import triton` of the process (TRL's trainers import triton, and tests/distributed is collected before
+# tests/ops). Done here, in the first conftest pytest loads; see tests/ops/test_triton_backend.py.
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+
+def _import_kernels_interpreted() -> None:
+    if torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        return  # too late for this process: the triton tests rerun themselves in a fresh one
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+
+        try:  # imported lazily by the interpreter's first launch, and it asserts the variable at import time
+            import triton.experimental.gluon  # noqa: F401
+        except ImportError:  # older triton without gluon
+            pass
+        import llm_entreg.ops.triton_linear  # noqa: F401
+        import llm_entreg.ops.triton_logits  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_kernels_interpreted()
