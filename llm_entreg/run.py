@@ -233,16 +233,16 @@ def make_trainer(recipe: dict, pieces: dict, callbacks=()):
 
 def run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict[str, Any]:
     """Train the recipe end to end. Returns the summary (also written to ``summary.json``)."""
+    # The embedded model is ~165k parameters: its matmuls are too small to gain from threads, and on a busy machine
+    # extra threads cost 10-30x (measured by the sweep; docs/benchmarks.md)
+    from .tasks.evaluation import torch_threads
+
+    with torch_threads(1 if recipe["model"]["name_or_path"] == "embedded" else None):
+        return _run(recipe, resume_from_checkpoint, log)
+
+
+def _run(recipe: dict, resume_from_checkpoint, log) -> dict[str, Any]:
     out_dir = Path(recipe["trainer"]["output_dir"])
-    if recipe["model"]["name_or_path"] == "embedded" and torch.get_num_threads() > 1:
-        # The embedded model is ~165k parameters: its matmuls are too small to gain from threads, and on a busy
-        # machine extra threads cost 10-30x (measured by the sweep; docs/benchmarks.md)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return run(recipe, resume_from_checkpoint=resume_from_checkpoint, log=log)
-        finally:
-            torch.set_num_threads(previous)
     pieces = build(recipe, log=log)
     before = held_out_metrics(recipe, pieces, pieces["model"])
     metrics_path = out_dir / "metrics.jsonl"

@@ -340,10 +340,9 @@ def ppo_clip_token_loss(
     ``normalizer`` = the (global) sequence count. Masked-out tokens (``mask == 0``) contribute exactly 0 even where
     their constants hold NaN/inf padding.
     """
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"clip_low: must be in [0, 1), got {clip_low}")
-    if not clip_high >= 0.0:
-        raise ValueError(f"clip_high: must be >= 0, got {clip_high}")
+    from ..rl.ppo import check_clip_range, clipped_surrogate
+
+    check_clip_range(clip_low, clip_high)
     shape = tuple(old_logprobs.shape)
     for name, t in (("advantages", advantages), ("mask", mask)):
         if tuple(t.shape) != shape:
@@ -366,8 +365,7 @@ def ppo_clip_token_loss(
         old = torch.where(on, old_flat[rows].to(dt), zero)
         adv = torch.where(on, adv_flat[rows].to(dt), zero)
         lp = torch.where(on, logprobs, zero)
-        ratio = torch.exp((lp - old).clamp(-20.0, 20.0))
-        surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+        surrogate, _ = clipped_surrogate(lp, old, adv, clip_low, clip_high)
         per_token = surrogate - entropy_coef * torch.where(on, entropy, zero)
         return per_token * weight / normalizer
 

@@ -314,6 +314,27 @@ def whiten(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_clip_range(clip_low: float, clip_high: float) -> None:
+    """``clip_low`` in ``[0, 1)``, ``clip_high >= 0``; else a ``ValueError`` naming the argument."""
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low: must be in [0, 1), got {clip_low}")
+    if not clip_high >= 0.0:
+        raise ValueError(f"clip_high: must be >= 0, got {clip_high}")
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate ``max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))`` and ``rho``.
+
+    ``rho = exp(logp - old_logp)`` with the log-ratio clamped to ``±LOG_RATIO_CLAMP``. No masking: the caller
+    zeroes padding first (it may hold NaN/inf).
+    """
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(-advantages * ratio, -advantages * clipped), ratio
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -358,10 +379,7 @@ def ppo_policy_loss(
         of ``pi_old``; ``ratio_mean``.
     """
     _check_same_shape("logp", logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"clip_low: must be in [0, 1), got {clip_low}")
-    if not clip_high >= 0.0:
-        raise ValueError(f"clip_high: must be >= 0, got {clip_high}")
+    check_clip_range(clip_low, clip_high)
     acc = _acc_dtype(logp, old_logp, advantages)
     m = mask != 0
     zero = torch.zeros((), dtype=acc, device=logp.device)
@@ -370,12 +388,7 @@ def ppo_policy_loss(
     old = torch.where(m, old_logp.detach().to(acc), zero)
     adv = torch.where(m, advantages.detach().to(acc), zero)
 
-    log_ratio = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    unclipped_loss = -adv * ratio
-    clipped_loss = -adv * clipped_ratio
-    per_token = torch.maximum(unclipped_loss, clipped_loss)
+    per_token, ratio = clipped_surrogate(lp, old, adv, clip_low, clip_high)
     loss = aggregate(per_token, mask, loss_agg_mode, **agg_kwargs)
 
     with torch.no_grad():

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..tasks.evaluation import torch_threads
 from .grid import TrialSpec, format_coef, trial_overrides
 from .pick import COEF_KEYS, ENTROPY_KEYS, REWARD_KEYS, pick_best, trial_metrics
 from .spec import SweepConfig, SweepError
@@ -168,22 +169,6 @@ def _output_to(path: Path, enabled: bool = True):
             os.close(saved[1])
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None):
-    """torch's intra-op threads for the trial (restored after). Tiny models on a busy CPU run far faster on 1."""
-    if n is None:
-        yield
-        return
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _base_row(config: SweepConfig, trial: TrialSpec) -> dict[str, Any]:
     return {"id": trial.id, **trial.params(), "output_dir": f"{TRIALS_DIR}/{trial.id}"}
 
@@ -208,7 +193,7 @@ def run_trial(config: SweepConfig, trial: TrialSpec, trial_fn: Callable | None =
     (directory / TRACEBACK_FILE).unlink(missing_ok=True)
     row = _base_row(config, trial)
     try:
-        with _output_to(directory / "trial.log", capture_output), _torch_threads(config.threads):
+        with _output_to(directory / "trial.log", capture_output), torch_threads(config.threads):
             summary = fn(recipe, resume_from_checkpoint=checkpoint, log=print)
         if not isinstance(summary, dict):
             try:
