@@ -7,10 +7,18 @@ statistics of DESIGN.md (max ``m``, ``S``, ``T'``), picks the target logit and t
 its partial statistics (``[splits, N]`` fp32); a few elementwise torch ops merge them into ``lse`` and ``H``.
 Splitting the vocabulary keeps the GPU busy when there are few token blocks.
 
-Backward: token chunks x vocabulary chunks (the ``dz`` buffer is bounded by :data:`BWD_BUFFER_BYTES`). A Triton kernel
-recomputes each logits tile and writes ``dz = (1/T) [g_lp (1[i=y] - p) - g_H p (z - lse + H)]`` in the compute dtype;
-torch GEMMs then give ``grad_hidden = dz @ W``, ``grad_weight = dz^T @ h`` (fp32 accumulation across chunks) and
-``grad_bias = sum dz`` (fp32). Only gradients that are needed are computed.
+Backward (:func:`backward_plan`): token chunks (outer) x vocabulary chunks (inner). A Triton kernel recomputes each
+logits tile and writes ``dz = (1/T) [g_lp (1[i=y] - p) - g_H p (z - lse + H)]`` in the compute dtype into a buffer of
+at most :data:`DZ_BUFFER_BYTES`; cuBLAS GEMMs then give ``grad_weight[chunk] = dz^T @ h`` and ``grad_hidden += dz @ W``
+(fp32 accumulation inside each GEMM), and ``grad_bias = sum dz`` (fp32). The token chunk is as large as the fp32
+``grad_hidden`` accumulator allows (:data:`ACC_BYTES`; all tokens in one chunk up to 16384 tokens at d = 4096), so
+``grad_weight`` is written by one GEMM per vocabulary chunk over all tokens, with no ``[V, d]`` fp32 accumulator.
+Only gradients that are needed are computed.
+
+Block sizes, warps and pipeline stages are a :class:`KernelConfig` per kernel (``"fwd"``, ``"dz"``), chosen by
+:func:`kernel_config` from the device and dtype, or set by :func:`set_kernel_config` / the environment variables
+``LLM_ENTREG_TRITON_FWD`` and ``LLM_ENTREG_TRITON_DZ`` (e.g. ``128x128x64w8s3``: BLOCK_N x BLOCK_V x BLOCK_D, warps,
+stages) for tuning.
 
 Ignored positions (``target == ignore_index``) are compacted away before any kernel runs, so they cost nothing.
 Saved for backward: ``hidden``, ``weight``, ``bias`` (the inputs themselves), and per valid token ``(lse, H)``.
@@ -18,21 +26,99 @@ Saved for backward: ``hidden``, ``weight``, ``bias`` (the inputs themselves), an
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import TokenStats, gathered_params
+from .chunked import _addmm_f32
 from .triton_logits import round_to_bf16
 
-#: Tile sizes of the forward and of the backward ``dz`` kernel (``tl.dot`` needs every side >= 16).
+#: Tile sizes under the Triton interpreter (CPU tensors) and the fallback elsewhere; tests lower them so that every
+#: loop runs several times. ``tl.dot`` needs every side >= 16. CUDA defaults: :func:`kernel_config`.
 BLOCK_N = 64
 BLOCK_V = 128
 BLOCK_D = 64
 #: Upper bound on the backward's ``dz`` buffer (token chunk x vocabulary chunk, in the compute dtype).
-BWD_BUFFER_BYTES = 256 * 2**20
-#: Smallest token chunk before the backward also chunks the vocabulary.
+DZ_BUFFER_BYTES = 192 * 2**20
+#: Upper bound on an fp32 gradient accumulator: ``grad_hidden`` of one token chunk (``[token_chunk, d]``), or
+#: ``grad_weight`` (``[V, d]``) when the tokens need several chunks and it fits. Peak extra memory of the backward is
+#: about ``DZ_BUFFER_BYTES + ACC_BYTES`` (448 MiB) beyond the inputs and their gradients.
+ACC_BYTES = 256 * 2**20
+#: Smallest token chunk, and the vocabulary chunk's multiple.
 MIN_TOKEN_CHUNK = 256
+VOCAB_ALIGN = 256
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch configuration of one kernel: tile ``block_n x block_v`` (tokens x vocabulary), ``block_d`` per dot."""
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int = 8
+    num_stages: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> "KernelConfig":
+        """``"128x128x64"`` or ``"128x128x64w8s3"`` (warps 8, stages 3)."""
+        import re
+
+        m = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)(?:w(\d+))?(?:s(\d+))?\s*", str(text))
+        if not m:
+            raise ValueError(f"kernel config: expected BNxBVxBD[wW][sS] such as 128x128x64w8s3, got {text!r}")
+        bn, bv, bd = (int(x) for x in m.groups()[:3])
+        warps = int(m.group(4)) if m.group(4) else 8
+        stages = int(m.group(5)) if m.group(5) else 3
+        for name, x in (("BLOCK_N", bn), ("BLOCK_V", bv), ("BLOCK_D", bd), ("warps", warps)):
+            if x < 1 or x & (x - 1):
+                raise ValueError(f"kernel config {text!r}: {name} must be a power of two, got {x}")
+        if min(bn, bv, bd) < 16:
+            raise ValueError(f"kernel config {text!r}: every block side must be >= 16 (tl.dot)")
+        if stages < 1:
+            raise ValueError(f"kernel config {text!r}: stages must be >= 1")
+        return cls(bn, bv, bd, warps, stages)
+
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.block_v}x{self.block_d}w{self.num_warps}s{self.num_stages}"
+
+
+KERNELS = ("fwd", "dz")
+_OVERRIDES: dict[str, KernelConfig] = {}
+
+
+def set_kernel_config(kernel: str, config: "KernelConfig | str | None") -> None:
+    """Force the launch configuration of ``kernel`` (``"fwd"`` or ``"dz"``); ``None`` restores the default."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if config is None:
+        _OVERRIDES.pop(kernel, None)
+    else:
+        _OVERRIDES[kernel] = config if isinstance(config, KernelConfig) else KernelConfig.parse(config)
+
+
+def kernel_config(kernel: str, device: torch.device, compute_dtype: torch.dtype) -> KernelConfig:
+    """The configuration ``kernel`` launches with: override, else environment, else the device default.
+
+    The CUDA defaults are the starting points written down in docs/kernels_notes.md, to be confirmed by the sweep of
+    ``scripts/device_issue7.sh``: on Hopper/Ampere with a half-precision compute dtype a 128 x 128 tile (8 warps,
+    3 stages: 96 KiB of shared memory, 64 fp32 accumulator registers per thread, room for the softmax epilogue).
+    """
+    if kernel in _OVERRIDES:
+        return _OVERRIDES[kernel]
+    env = os.environ.get(f"LLM_ENTREG_TRITON_{kernel.upper()}")
+    if env:
+        return KernelConfig.parse(env)
+    if device.type != "cuda":
+        return KernelConfig(BLOCK_N, BLOCK_V, BLOCK_D, 8, 1)
+    major, _ = torch.cuda.get_device_capability(device)
+    if compute_dtype != torch.float32:
+        return KernelConfig(128, 128, 64, 8, 3) if major >= 8 else KernelConfig(64, 128, 32, 4, 2)
+    return KernelConfig(64, 128, 32, 8, 3) if major >= 8 else KernelConfig(64, 64, 32, 4, 2)
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -65,6 +151,7 @@ def _logits_tile(
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -76,9 +163,13 @@ def _logits_tile(
     w_rows = w_ptr + cols[:, None] * stride_wv
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + ks0
-        k_ok = ks < D
-        h = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + ks[None, :] * stride_wd, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if EVEN_D:  # d is a multiple of BLOCK_D (the usual case): only the row and column edges are masked
+            h = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_rows + ks[None, :] * stride_wd, mask=col_ok[:, None], other=0.0)
+        else:
+            k_ok = ks < D
+            h = tl.load(h_rows + ks[None, :] * stride_hd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + ks[None, :] * stride_wd, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if INTERPRETER:
             # Interpreter only (its dot multiplies bf16 bit patterns): round to the compute dtype, multiply in fp32.
             # Products of two bf16/fp16 values are exact in fp32: this matches a tensor-core dot, fp32 accumulation.
@@ -124,6 +215,7 @@ def _linear_fwd_kernel(
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EVEN_D: tl.constexpr,
     WANT_MEAN: tl.constexpr,
     WANT_TOP1: tl.constexpr,
     WANT_LSSP: tl.constexpr,
@@ -152,7 +244,8 @@ def _linear_fwd_kernel(
         cols = v0 + cols0
         col_ok = cols < v_hi
         z = _logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, rows, row_ok, cols, col_ok,
-                         D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, BLOCK_N, BLOCK_V, BLOCK_D)
+                         D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, EVEN_D, BLOCK_N, BLOCK_V,
+                         BLOCK_D)
         blk_max = tl.max(z, axis=1)
         m_new = tl.maximum(m, blk_max)
         # Rows whose columns so far are all -inf keep m = -inf: shift them by 0 so that nothing becomes NaN.
@@ -216,6 +309,7 @@ def _linear_dz_kernel(
     COMPUTE: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -225,7 +319,8 @@ def _linear_dz_kernel(
     row_ok = rows < N
     col_ok = cols < V
     z = _logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, rows, row_ok, cols, col_ok,
-                     D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, BLOCK_N, BLOCK_V, BLOCK_D)
+                     D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, EVEN_D, BLOCK_N, BLOCK_V,
+                         BLOCK_D)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])
     dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -252,16 +347,18 @@ def _precision(compute_dtype: torch.dtype):
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _num_splits(n_rows: int, n_vocab: int, device: torch.device) -> tuple[int, int]:
-    token_blocks = triton.cdiv(n_rows, BLOCK_N)
-    vocab_blocks = triton.cdiv(n_vocab, BLOCK_V)
+def _num_splits(n_rows: int, n_vocab: int, device: torch.device, cfg: KernelConfig | None = None) -> tuple[int, int]:
+    """``(splits, columns per split)`` of the forward: about 2 programs per SM over all token blocks."""
+    cfg = cfg or kernel_config("fwd", device, torch.float32)
+    token_blocks = triton.cdiv(n_rows, cfg.block_n)
+    vocab_blocks = triton.cdiv(n_vocab, cfg.block_v)
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: a few splits, so that the merge is exercised
     splits = max(1, min(vocab_blocks, triton.cdiv(target, token_blocks)))
     per_split = triton.cdiv(vocab_blocks, splits)
-    return triton.cdiv(vocab_blocks, per_split), per_split * BLOCK_V
+    return triton.cdiv(vocab_blocks, per_split), per_split * cfg.block_v
 
 
 def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_mean, want_top1, want_lssp):
@@ -269,7 +366,8 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
     n, d = h.shape
     v = weight.shape[0]
     dev = h.device
-    splits, v_per_split = _num_splits(n, v, dev)
+    cfg = kernel_config("fwd", dev, compute_dtype)
+    splits, v_per_split = _num_splits(n, v, dev, cfg)
     f32 = dict(device=dev, dtype=torch.float32)
     m = torch.empty(splits, n, **f32)
     s = torch.empty(splits, n, **f32)
@@ -279,7 +377,7 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
     zsum = torch.empty(splits, n, **f32) if want_mean else m
     best = torch.empty(splits, n, **f32) if want_top1 else m
     best_idx = torch.empty(splits, n, device=dev, dtype=torch.int64) if want_top1 else m
-    grid = (triton.cdiv(n, BLOCK_N), splits)
+    grid = (triton.cdiv(n, cfg.block_n), splits)
     _linear_fwd_kernel[grid](
         h, h.stride(0), h.stride(1),
         weight, weight.stride(0), weight.stride(1),
@@ -291,13 +389,15 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
         COMPUTE=_TL_DTYPE[compute_dtype],
         PRECISION=_precision(compute_dtype),
         INTERPRETER=not h.is_cuda,
+        EVEN_D=d % cfg.block_d == 0,
         WANT_MEAN=want_mean,
         WANT_TOP1=want_top1,
         WANT_LSSP=want_lssp,
-        BLOCK_N=BLOCK_N,
-        BLOCK_V=BLOCK_V,
-        BLOCK_D=BLOCK_D,
-        num_warps=8,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     # Merge the splits: the same shifted update as in the kernel, over the split axis.
     m_all = m.max(0).values
@@ -323,41 +423,45 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
     return out
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result (fp32 accumulation inside the GEMM where the platform offers it)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and _OUT_DTYPE_MM[0]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_MM[0] = False
-    return torch.mm(a, b).float()
+def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` or ``out += a @ b``; ``a``/``b`` in the compute dtype, ``out`` in it or in fp32.
+
+    One GEMM with fp32 accumulation inside (cuBLAS), no temporary: a half-precision ``out`` is rounded once per call,
+    an fp32 ``out`` with half operands uses ``addmm(..., out_dtype=float32)`` on CUDA.
+    """
+    if out.dtype == a.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32:
+        if not accumulate:
+            out.zero_()
+        _addmm_f32(out, a, b)
+    else:  # e.g. fp16 parameters under a bf16 autocast: through an fp32 temporary
+        prod = a.float() @ b.float()
+        out.add_(prod) if accumulate else out.copy_(prod)
 
 
-_OUT_DTYPE_MM = [True]
+def backward_plan(n: int, v: int, d: int, elem: int, need_h: bool, fp32_hidden_grad: bool) -> tuple[int, int]:
+    """``(token_chunk, vocab_chunk)`` of the backward for ``n`` valid tokens, ``elem`` bytes per ``dz`` element.
 
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_elems: int) -> None:
-    """``acc += a @ b`` into an fp32 accumulator, in row slices so that no temporary exceeds ``max_elems``."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    rows = max(1, max_elems // max(1, acc.shape[1]))
-    for r0 in range(0, acc.shape[0], rows):
-        acc[r0 : r0 + rows].add_(_mm_fp32(a[r0 : r0 + rows], b))
-
-
-def _chunks(n: int, v: int, elem_size: int) -> tuple[int, int]:
-    budget = max(1, BWD_BUFFER_BYTES // elem_size)
-    if n * v <= budget:
+    The ``dz`` buffer ``token_chunk x vocab_chunk`` stays within :data:`DZ_BUFFER_BYTES`. The token chunk is all
+    tokens unless ``grad_hidden`` must be accumulated over vocabulary chunks in an fp32 buffer
+    (``need_h`` and a half-precision hidden state): then at most :data:`ACC_BYTES` ``/ (4 d)`` tokens (at least
+    :data:`MIN_TOKEN_CHUNK`). One token chunk means ``grad_weight`` is written by one GEMM per vocabulary chunk.
+    """
+    dz_elems = max(1, DZ_BUFFER_BYTES // elem)
+    if n * v <= dz_elems:
         return max(n, 1), v
-    n_chunk = budget // v
-    if n_chunk >= MIN_TOKEN_CHUNK or n_chunk >= n:
-        return max(1, min(n, n_chunk)), v
-    n_chunk = min(n, MIN_TOKEN_CHUNK)
-    v_chunk = max(BLOCK_V, budget // n_chunk // BLOCK_V * BLOCK_V)
-    return n_chunk, min(v, v_chunk)
+    tc = n
+    if need_h and not fp32_hidden_grad:
+        tc = min(n, max(MIN_TOKEN_CHUNK, ACC_BYTES // (4 * d)))
+    vc = dz_elems // tc // VOCAB_ALIGN * VOCAB_ALIGN
+    if vc < VOCAB_ALIGN:  # too many tokens for even one aligned vocabulary chunk: fewer tokens per chunk
+        vc = VOCAB_ALIGN
+        tc = max(1, min(tc, dz_elems // vc))
+    return tc, min(v, vc)
 
 
 class _TritonLinearTokenStats(torch.autograd.Function):
@@ -404,97 +508,108 @@ class _TritonLinearTokenStats(torch.autograd.Function):
         if (g_lp is None and g_h is None) or not (need_h or need_w or need_b):
             return nones
         hidden, weight, bias, idx, t_v, lse_v, ent_v = ctx.saved_tensors
-        cdt = ctx.compute_dtype
-        n, d = hidden.shape
-        dev = hidden.device
-        grad_hidden = grad_weight = grad_bias = None
-        with gathered_params(weight, bias), torch.autocast(dev.type, enabled=False):
-            v = weight.shape[0]
-            n_valid = lse_v.shape[0]
+        with gathered_params(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            grads = _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, ctx.temperature,
+                                     ctx.compute_dtype, need_h, need_w, need_b)
+        return (*grads, *nones[3:])
 
-            def pick(g):
-                if g is None:
-                    return None
-                g = g.float()
-                return (g if idx is None else g.index_select(0, idx)).contiguous()
 
-            if n_valid == 0:  # every position ignored: all gradients are zero
-                return (
-                    torch.zeros_like(hidden) if need_h else None,
-                    torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None,
-                    *nones[3:],
-                )
-            g_lp_v, g_h_v = pick(g_lp), pick(g_h)
-            h_v = hidden if idx is None else hidden.index_select(0, idx)
-            n_chunk, v_chunk = _chunks(n_valid, v, torch.finfo(cdt).bits // 8)
-            one_token_chunk = n_chunk >= n_valid
-            one_vocab_chunk = v_chunk >= v
-            buf = torch.empty(n_chunk * v_chunk, device=dev, dtype=cdt)
-            w_c = weight.to(cdt) if need_h else None
+def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, temperature, cdt, need_h, need_w,
+                     need_b):
+    """``(grad_hidden, grad_weight, grad_bias)`` (None where not needed) by :func:`backward_plan`'s chunks."""
+    n, d = hidden.shape
+    dev = hidden.device
+    v = weight.shape[0]
+    n_valid = lse_v.shape[0]
+    if n_valid == 0:  # every position ignored: all gradients are zero
+        return (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need_b else None)
+
+    def pick(g):
+        if g is None:
+            return None
+        g = g.float()
+        return (g if idx is None else g.index_select(0, idx)).contiguous()
+
+    g_lp_v, g_h_v = pick(g_lp), pick(g_h)
+    h_v = hidden if idx is None else hidden.index_select(0, idx)
+    tc, vc = backward_plan(n_valid, v, d, cdt.itemsize, need_h, hidden.dtype == torch.float32)
+    n_tok_chunks = triton.cdiv(n_valid, tc)
+    n_voc_chunks = triton.cdiv(v, vc)
+    cfg = kernel_config("dz", dev, cdt)
+    buf = torch.empty(min(tc, n_valid) * vc, device=dev, dtype=cdt)
+    # grad_hidden of the valid rows: written per token chunk, through an fp32 accumulator over vocabulary chunks
+    gh_v = gh_acc = gw = gw_acc = gb = None
+    if need_h:
+        gh_v = torch.empty(n_valid, d, device=dev, dtype=hidden.dtype)
+        if n_voc_chunks > 1 and hidden.dtype != torch.float32:
+            gh_acc = torch.empty(min(tc, n_valid), d, device=dev, dtype=torch.float32)
+    if need_w:
+        gw = torch.empty_like(weight)
+        # Several token chunks: accumulate grad_weight in fp32 when that fits, else in place in its own dtype
+        # (one rounding per token chunk, as a bf16 GEMM with beta = 1 does).
+        if n_tok_chunks > 1 and weight.dtype != torch.float32 and v * d * 4 <= ACC_BYTES:
+            gw_acc = torch.zeros(v, d, device=dev, dtype=torch.float32)
+    if need_b:
+        gb = torch.zeros(v, device=dev, dtype=torch.float32)
+    dummy = lse_v
+    for r0 in range(0, n_valid, tc):
+        r1 = min(r0 + tc, n_valid)
+        h_chunk = h_v[r0:r1]
+        hc_chunk = h_chunk.to(cdt) if need_w else None
+        gh_out = None
+        if need_h:
+            gh_out = gh_v[r0:r1] if gh_acc is None else gh_acc[: r1 - r0]
+        for ci, c0 in enumerate(range(0, v, vc)):
+            c1 = min(c0 + vc, v)
+            dz = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            grid = (triton.cdiv(r1 - r0, cfg.block_n), triton.cdiv(c1 - c0, cfg.block_v))
+            w_slice = weight[c0:c1]
+            _linear_dz_kernel[grid](
+                h_chunk, h_chunk.stride(0), h_chunk.stride(1),
+                w_slice, w_slice.stride(0), w_slice.stride(1),
+                dummy if bias is None else bias[c0:c1],
+                t_v[r0:r1], lse_v[r0:r1], ent_v[r0:r1],
+                dummy if g_lp_v is None else g_lp_v[r0:r1],
+                dummy if g_h_v is None else g_h_v[r0:r1],
+                dz, dz.stride(0),
+                r1 - r0, c1 - c0, d, c0, temperature,
+                HAS_BIAS=bias is not None,
+                HAS_G_LP=g_lp_v is not None,
+                HAS_G_H=g_h_v is not None,
+                COMPUTE=_TL_DTYPE[cdt],
+                PRECISION=_precision(cdt),
+                INTERPRETER=not h_chunk.is_cuda,
+                EVEN_D=d % cfg.block_d == 0,
+                BLOCK_N=cfg.block_n,
+                BLOCK_V=cfg.block_v,
+                BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )  # fmt: skip
             if need_h:
-                gh_v = torch.empty(n_valid, d, device=dev, dtype=cdt if one_vocab_chunk else torch.float32)
-                if not one_vocab_chunk:
-                    gh_v.zero_()
+                _gemm(gh_out, dz, w_slice.to(cdt), accumulate=ci > 0)
             if need_w:
-                gw = torch.empty(v, d, device=dev, dtype=cdt if one_token_chunk else torch.float32)
-                if not one_token_chunk:
-                    gw.zero_()
-            if need_b:
-                gb = torch.zeros(v, device=dev, dtype=torch.float32)
-            dummy = lse_v
-            for r0 in range(0, n_valid, n_chunk):
-                r1 = min(r0 + n_chunk, n_valid)
-                h_chunk = h_v[r0:r1]
-                hc_chunk = h_chunk.to(cdt) if need_w else None
-                for c0 in range(0, v, v_chunk):
-                    c1 = min(c0 + v_chunk, v)
-                    dz = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                    grid = (triton.cdiv(r1 - r0, BLOCK_N), triton.cdiv(c1 - c0, BLOCK_V))
-                    w_slice = weight[c0:c1]
-                    _linear_dz_kernel[grid](
-                        h_chunk, h_chunk.stride(0), h_chunk.stride(1),
-                        w_slice, w_slice.stride(0), w_slice.stride(1),
-                        dummy if bias is None else bias[c0:c1],
-                        t_v[r0:r1], lse_v[r0:r1], ent_v[r0:r1],
-                        dummy if g_lp_v is None else g_lp_v[r0:r1],
-                        dummy if g_h_v is None else g_h_v[r0:r1],
-                        dz, dz.stride(0),
-                        r1 - r0, c1 - c0, d, c0, ctx.temperature,
-                        HAS_BIAS=bias is not None,
-                        HAS_G_LP=g_lp_v is not None,
-                        HAS_G_H=g_h_v is not None,
-                        COMPUTE=_TL_DTYPE[cdt],
-                        PRECISION=_precision(cdt),
-                        INTERPRETER=not h_chunk.is_cuda,
-                        BLOCK_N=BLOCK_N,
-                        BLOCK_V=BLOCK_V,
-                        BLOCK_D=BLOCK_D,
-                        num_warps=8,
-                    )  # fmt: skip
-                    if need_h:
-                        if one_vocab_chunk:
-                            torch.mm(dz, w_c, out=gh_v[r0:r1])
-                        else:
-                            _accumulate(gh_v[r0:r1], dz, w_c[c0:c1], buf.numel())
-                    if need_w:
-                        if one_token_chunk:
-                            torch.mm(dz.t(), hc_chunk, out=gw[c0:c1])
-                        else:
-                            _accumulate(gw[c0:c1], dz.t(), hc_chunk, buf.numel())
-                    if need_b:
-                        gb[c0:c1] += dz.sum(0, dtype=torch.float32)
-            if need_h:
-                if idx is None:
-                    grad_hidden = gh_v.to(hidden.dtype)
+                if gw_acc is not None:
+                    _gemm(gw_acc[c0:c1], dz.t(), hc_chunk, accumulate=True)
                 else:
-                    grad_hidden = torch.zeros(n, d, device=dev, dtype=hidden.dtype)
-                    grad_hidden.index_copy_(0, idx, gh_v.to(hidden.dtype))
-            if need_w:
-                grad_weight = gw.to(weight.dtype)
+                    _gemm(gw[c0:c1], dz.t(), hc_chunk, accumulate=r0 > 0)
             if need_b:
-                grad_bias = gb.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+                gb[c0:c1] += dz.sum(0, dtype=torch.float32)
+        if gh_acc is not None:
+            gh_v[r0:r1].copy_(gh_acc[: r1 - r0])
+    grad_hidden = grad_weight = grad_bias = None
+    if need_h:
+        if idx is None:
+            grad_hidden = gh_v
+        else:
+            grad_hidden = torch.zeros(n, d, device=dev, dtype=hidden.dtype)
+            grad_hidden.index_copy_(0, idx, gh_v)
+    if need_w:
+        grad_weight = gw if gw_acc is None else gw.copy_(gw_acc)
+    if need_b:
+        grad_bias = gb.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def triton_linear_token_stats(

@@ -74,6 +74,11 @@ def _small_blocks(monkeypatch):
     monkeypatch.setattr(triton_linear, "BLOCK_N", 16)
     monkeypatch.setattr(triton_linear, "BLOCK_V", 64)
     monkeypatch.setattr(triton_linear, "BLOCK_D", 16)
+    # On CUDA the kernels launch with kernel_config's device defaults: force the small tiles there too.
+    monkeypatch.setattr(triton_linear, "_OVERRIDES", {})
+    if DEVICE == "cuda":
+        triton_linear.set_kernel_config("fwd", "16x64x16w4s2")
+        triton_linear.set_kernel_config("dz", "16x64x16w4s2")
 
 
 def _close(actual, expected, atol, rtol, what):
@@ -305,21 +310,45 @@ def test_linear_kernel_matches_float64_reference(case):
         assert (got[2][:192] == 0).all() and (got[1][250:260] == 0).all(), "-inf columns must get zero gradient"
 
 
+BACKWARD_CHUNK_CASES = [
+    # id, dtype, autocast dtype, DZ_BUFFER elements, ACC_BYTES, expected plan for 29 valid tokens
+    # several vocabulary chunks, one token chunk: grad_weight by one GEMM per vocabulary chunk; fp32 grad_hidden
+    ("fp32-vocab-chunks", torch.float32, None, 29 * 128, 10**6, (29, 128)),
+    ("bf16-vocab-chunks", torch.bfloat16, None, 29 * 128, 10**6, (29, 128)),
+    # the fp32 grad_hidden accumulator caps the token chunk: grad_weight accumulated in place in bf16
+    ("bf16-token-and-vocab-chunks", torch.bfloat16, None, 8 * 128, 8 * 24 * 4, (8, 128)),
+    # the dz buffer caps the token chunk below one aligned vocabulary chunk: grad_weight in an fp32 accumulator
+    ("bf16-token-chunks-fp32-acc", torch.bfloat16, None, 5 * 64, 10**6, (5, 64)),
+    # fp32 parameters under a bf16 autocast: gradients accumulate directly in the fp32 gradients
+    ("autocast-fp32-params", torch.float32, torch.bfloat16, 5 * 64, 10**6, (5, 64)),
+]
+
+
 @needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, dtype):
-    """A tiny dz buffer forces token chunks (fp32 grad_weight accumulation) and vocabulary chunks (grad_hidden)."""
-    gen = torch.Generator().manual_seed(41 if dtype == torch.float32 else 42)
+@pytest.mark.parametrize("case", BACKWARD_CHUNK_CASES, ids=[c[0] for c in BACKWARD_CHUNK_CASES])
+def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, case):
+    """Small buffers force token chunks and vocabulary chunks; every accumulation path against float64."""
+    _, dtype, autocast_dtype, dz_elems, acc_bytes, plan = case
+    gen = torch.Generator().manual_seed(41 + len(BACKWARD_CHUNK_CASES) * dz_elems % 97)
     hidden, weight, bias, targets = _linear_inputs(gen, dtype, "finite")
-    targets[::5] = IGNORE
-    elem = 4 if dtype == torch.float32 else 2
-    monkeypatch.setattr(triton_linear, "BWD_BUFFER_BYTES", 10 * 128 * elem)  # 10 tokens x 128 columns
-    monkeypatch.setattr(triton_linear, "MIN_TOKEN_CHUNK", 10)
-    assert triton_linear._chunks(29, 301, elem) == (10, 128)
+    targets[::5] = IGNORE  # 37 positions, 29 valid
+    compute = autocast_dtype or dtype
+    monkeypatch.setattr(triton_linear, "DZ_BUFFER_BYTES", dz_elems * compute.itemsize)
+    monkeypatch.setattr(triton_linear, "ACC_BYTES", acc_bytes)
+    monkeypatch.setattr(triton_linear, "MIN_TOKEN_CHUNK", 4)
+    monkeypatch.setattr(triton_linear, "VOCAB_ALIGN", 64 if plan[1] == 64 else 128)
+    n_valid = int((targets != IGNORE).sum())
+    assert n_valid == 29
+    assert triton_linear.backward_plan(n_valid, 301, 24, compute.itemsize, True, dtype == torch.float32) == plan
     hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
     params = [t.requires_grad_(True) for t in (hidden, weight, bias)]
-    lp, h = linear_logprob_and_entropy(hidden, weight, targets, bias=bias, temperature=1.1, backend="triton")
-    ref_params = [t.detach().double().requires_grad_(True) for t in params]
+    if autocast_dtype is None:
+        lp, h = linear_logprob_and_entropy(hidden, weight, targets, bias=bias, temperature=1.1, backend="triton")
+    else:
+        with torch.autocast(DEVICE, dtype=autocast_dtype):
+            lp, h = linear_logprob_and_entropy(hidden, weight, targets, bias=bias, temperature=1.1,
+                                               backend="triton")
+    ref_params = [t.detach().to(compute).double().requires_grad_(True) for t in params]
     ref = reference_linear_token_stats(*ref_params[:2], targets, bias=ref_params[2], temperature=1.1,
                                        dtype=torch.float64)
     _close(lp, ref.logprobs, 2e-5, 2e-5, "logprobs")
@@ -327,6 +356,69 @@ def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, dtype):
     g1, g2 = (torch.randn(targets.shape, generator=gen).to(DEVICE) for _ in range(2))
     got = torch.autograd.grad((g1 * lp).sum() + (g2 * h).sum(), params)
     exp = torch.autograd.grad((g1.double() * ref.logprobs).sum() + (g2.double() * ref.entropy).sum(), ref_params)
+    for name, g, e, p in zip(("hidden", "weight", "bias"), got, exp, params):
+        _grad_close(g, e, p.dtype, f"grad_{name}", compute)
+
+
+def test_backward_plan_at_the_issue_size():
+    """N = 16384, d = 4096, V = 151936, bf16: one token chunk, dz + fp32 grad_hidden accumulator <= 512 MiB."""
+    tc, vc = triton_linear.backward_plan(16384, 151936, 4096, 2, True, False)
+    assert tc == 16384 and vc % triton_linear.VOCAB_ALIGN == 0
+    assert tc * vc * 2 <= triton_linear.DZ_BUFFER_BYTES
+    assert tc * vc * 2 + tc * 4096 * 4 <= 512 * 2**20
+    # 65536 tokens: token chunks of ACC_BYTES / (4 d) = 16384, the same vocabulary chunk
+    assert triton_linear.backward_plan(65536, 151936, 4096, 2, True, False) == (16384, vc)
+    # no grad_hidden wanted (frozen embeddings below the head): all tokens in one chunk
+    tc2, vc2 = triton_linear.backward_plan(65536, 151936, 4096, 2, False, False)
+    assert tc2 == 65536 and tc2 * vc2 * 2 <= triton_linear.DZ_BUFFER_BYTES
+    # small problems: one chunk
+    assert triton_linear.backward_plan(37, 301, 24, 2, True, False) == (37, 301)
+
+
+def test_kernel_config_parse_override_and_env(monkeypatch):
+    cfg = triton_linear.KernelConfig.parse("128x256x64w8s4")
+    assert (cfg.block_n, cfg.block_v, cfg.block_d, cfg.num_warps, cfg.num_stages) == (128, 256, 64, 8, 4)
+    assert str(cfg) == "128x256x64w8s4"
+    assert triton_linear.KernelConfig.parse("64x64x32") == triton_linear.KernelConfig(64, 64, 32, 8, 3)
+    for bad in ("128x256", "100x128x64", "128x128x8", "a"):
+        with pytest.raises(ValueError, match="kernel config"):
+            triton_linear.KernelConfig.parse(bad)
+    monkeypatch.setattr(triton_linear, "_OVERRIDES", {})
+    cpu = torch.device("cpu")
+    default = triton_linear.kernel_config("fwd", cpu, torch.float32)
+    assert (default.block_n, default.block_v, default.block_d) == (16, 64, 16)  # this file's small blocks
+    monkeypatch.setenv("LLM_ENTREG_TRITON_DZ", "32x32x16w4s2")
+    assert str(triton_linear.kernel_config("dz", cpu, torch.float32)) == "32x32x16w4s2"
+    triton_linear.set_kernel_config("dz", "64x64x64w4s1")
+    try:
+        assert str(triton_linear.kernel_config("dz", cpu, torch.float32)) == "64x64x64w4s1"
+    finally:
+        triton_linear.set_kernel_config("dz", None)
+    assert str(triton_linear.kernel_config("dz", cpu, torch.float32)) == "32x32x16w4s2"
+    with pytest.raises(ValueError, match="kernel"):
+        triton_linear.set_kernel_config("bwd", "64x64x64")
+
+
+@needs_kernels
+def test_linear_kernels_with_a_forced_config():
+    """A config other than the default (different tiles for the two kernels, d not a multiple of BLOCK_D)."""
+    gen = torch.Generator().manual_seed(61)
+    hidden, weight, bias, targets = _linear_inputs(gen, torch.float32, "finite", n=21, d=40, n_vocab=150)
+    hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
+    params = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    triton_linear.set_kernel_config("fwd", "32x32x32w4s2")
+    triton_linear.set_kernel_config("dz", "16x128x16w4s2")
+    try:
+        lp, h = linear_logprob_and_entropy(hidden, weight, targets, bias=bias, backend="triton")
+        got = torch.autograd.grad(lp.sum() - 0.3 * h.sum(), params)
+    finally:
+        triton_linear.set_kernel_config("fwd", None)
+        triton_linear.set_kernel_config("dz", None)
+    ref_params = [t.detach().double().requires_grad_(True) for t in params]
+    ref = reference_linear_token_stats(*ref_params[:2], targets, bias=ref_params[2], dtype=torch.float64)
+    _close(lp, ref.logprobs, 2e-5, 2e-5, "logprobs")
+    _close(h, ref.entropy, 2e-5, 2e-5, "entropy")
+    exp = torch.autograd.grad(ref.logprobs.sum() - 0.3 * ref.entropy.sum(), ref_params)
     for name, g, e, p in zip(("hidden", "weight", "bias"), got, exp, params):
         _grad_close(g, e, p.dtype, f"grad_{name}")
 
