@@ -183,40 +183,82 @@ def _num_warps(block_v: int) -> int:
     return 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
 
 
+def row_stats(logits, targets, temperature, ignore_index, want_mean=False, want_top1=False, want_lssp=False):
+    """One read pass over ``logits [n, V]``: fp32 ``(logprobs, entropy, lse, mean, top1, lssp)`` per row.
+
+    The extras are None unless asked for; rows whose target is ``ignore_index`` give 0 (``False``).
+    """
+    n, v = logits.shape
+    dev = logits.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    logprobs = torch.empty(n, **f32)
+    entropy = torch.empty(n, **f32)
+    lse = torch.empty(n, **f32)
+    mean = torch.empty(n, **f32) if want_mean else None
+    top1 = torch.empty(n, device=dev, dtype=torch.bool) if want_top1 else None
+    lssp = torch.empty(n, **f32) if want_lssp else None
+    if n > 0:
+        block_v = _block_v(v)
+        _logits_fwd_kernel[(n,)](
+            logits,
+            logits.stride(0),
+            logits.stride(1),
+            targets,
+            logprobs,
+            entropy,
+            lse,
+            mean if want_mean else logprobs,  # placeholders are never touched when the flag is off
+            top1 if want_top1 else logprobs,
+            lssp if want_lssp else logprobs,
+            v,
+            temperature,
+            ignore_index,
+            BLOCK_V=block_v,
+            WANT_MEAN=want_mean,
+            WANT_TOP1=want_top1,
+            WANT_LSSP=want_lssp,
+            num_warps=_num_warps(block_v),
+        )
+    return logprobs, entropy, lse, mean, top1, lssp
+
+
+def row_grad(logits, targets, lse, entropy, g_lp, g_h, temperature, ignore_index, out):
+    """Write ``d(sum g_lp lp + g_H H) / d logits`` of every row into ``out [n, V]`` (any float dtype; may be
+    ``logits`` itself: each element is read before it is written, by the same program). ``g_lp``/``g_h``: fp32
+    ``[n]`` or None (that term is compiled out). Rows whose target is ``ignore_index`` get 0."""
+    n, v = logits.shape
+    if n == 0:
+        return out
+    block_v = _block_v(v)
+    _logits_bwd_kernel[(n,)](
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        targets,
+        lse,
+        entropy,
+        lse if g_lp is None else g_lp,
+        lse if g_h is None else g_h,
+        out,
+        out.stride(0),
+        v,
+        temperature,
+        ignore_index,
+        BLOCK_V=block_v,
+        HAS_G_LP=g_lp is not None,
+        HAS_G_H=g_h is not None,
+        ROUND_BF16=out.dtype == torch.bfloat16 and not out.is_cuda,
+        num_warps=_num_warps(block_v),
+    )
+    return out
+
+
 class _TritonTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, want_mean, want_top1, want_lssp):
-        n, v = logits.shape
-        dev = logits.device
-        f32 = dict(device=dev, dtype=torch.float32)
-        logprobs = torch.empty(n, **f32)
-        entropy = torch.empty(n, **f32)
-        lse = torch.empty(n, **f32)
-        mean = torch.empty(n, **f32) if want_mean else None
-        top1 = torch.empty(n, device=dev, dtype=torch.bool) if want_top1 else None
-        lssp = torch.empty(n, **f32) if want_lssp else None
-        if n > 0:
-            block_v = _block_v(v)
-            _logits_fwd_kernel[(n,)](
-                logits,
-                logits.stride(0),
-                logits.stride(1),
-                targets,
-                logprobs,
-                entropy,
-                lse,
-                mean if want_mean else logprobs,  # placeholders are never touched when the flag is off
-                top1 if want_top1 else logprobs,
-                lssp if want_lssp else logprobs,
-                v,
-                temperature,
-                ignore_index,
-                BLOCK_V=block_v,
-                WANT_MEAN=want_mean,
-                WANT_TOP1=want_top1,
-                WANT_LSSP=want_lssp,
-                num_warps=_num_warps(block_v),
-            )
+        logprobs, entropy, lse, mean, top1, lssp = row_stats(
+            logits, targets, temperature, ignore_index, want_mean, want_top1, want_lssp
+        )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature = temperature
@@ -230,32 +272,10 @@ class _TritonTokenStats(torch.autograd.Function):
         if (g_lp is None and g_h is None) or not ctx.needs_input_grad[0]:
             return (None,) * 7
         logits, targets, lse, entropy = ctx.saved_tensors
-        n, v = logits.shape
-        dlogits = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
-        if n > 0:
-            g_lp_c = None if g_lp is None else g_lp.contiguous()
-            g_h_c = None if g_h is None else g_h.contiguous()
-            block_v = _block_v(v)
-            _logits_bwd_kernel[(n,)](
-                logits,
-                logits.stride(0),
-                logits.stride(1),
-                targets,
-                lse,
-                entropy,
-                lse if g_lp_c is None else g_lp_c,
-                lse if g_h_c is None else g_h_c,
-                dlogits,
-                dlogits.stride(0),
-                v,
-                ctx.temperature,
-                ctx.ignore_index,
-                BLOCK_V=block_v,
-                HAS_G_LP=g_lp_c is not None,
-                HAS_G_H=g_h_c is not None,
-                ROUND_BF16=dlogits.dtype == torch.bfloat16 and not dlogits.is_cuda,
-                num_warps=_num_warps(block_v),
-            )
+        dlogits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+        g_lp_c = None if g_lp is None else g_lp.contiguous()
+        g_h_c = None if g_h is None else g_h.contiguous()
+        row_grad(logits, targets, lse, entropy, g_lp_c, g_h_c, ctx.temperature, ctx.ignore_index, dlogits)
         return dlogits, None, None, None, None, None, None
 
 

@@ -288,3 +288,54 @@ def test_bad_arguments_raise():
         ppo_clip_token_loss(torch.zeros(3), torch.zeros(3), torch.ones(3), clip_low=1.0)
     with pytest.raises(ValueError, match="mask"):
         ppo_clip_token_loss(torch.zeros(3), torch.zeros(3), torch.ones(4))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("token_chunk", [None, 6])
+def test_triton_backend_matches_float64_reference(dtype, token_chunk):
+    """backend="triton": the chunk's statistics and dz from the row kernels (interpreter on the CPU)."""
+    pytest.importorskip("triton")
+    gen, hidden, weight, bias, targets = _problem(31 + (dtype == torch.bfloat16) + 2 * (token_chunk is None),
+                                                  dtype=dtype)  # fmt: skip
+    loss_fn = _generic_loss_fn(gen)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # without CUDA: the kernels under the interpreter
+    on_dev = [x.detach().to(dev).requires_grad_(True) for x in (hidden, weight, bias)]
+
+    def dev_loss_fn(lp, ent, rows):
+        return loss_fn(lp.cpu(), ent.cpu(), rows.cpu()).to(lp.device)
+
+    loss, stats = fused_linear_loss(on_dev[0], on_dev[1], targets.to(dev), dev_loss_fn, bias=on_dev[2],
+                                    temperature=0.8, token_chunk=token_chunk, backend="triton")  # fmt: skip
+    stats = type(stats)(stats.logprobs.cpu(), stats.entropy.cpu())
+    # the reference on the inputs as the kernels see them (already in dtype), computed in float64
+    ref_loss, ref_grads, ref_stats = _reference(hidden, weight, bias, targets, loss_fn, 0.8)
+    assert loss.dtype == torch.float32
+    tight = dict(atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(stats.logprobs.double(), ref_stats.logprobs.detach(), **tight)
+    torch.testing.assert_close(stats.entropy.double(), ref_stats.entropy.detach(), **tight)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-4, rtol=1e-5)
+    loss = loss.cpu()
+    leaves = _leaves(hidden, weight, bias)
+    grads = [g.cpu() for g in torch.autograd.grad(loss, on_dev)]
+    if dtype == torch.float32 and dev == "cpu":
+        _assert_grads(grads, ref_grads, leaves, atol=2e-6, rtol=1e-5)
+    elif dtype == torch.float32:  # TF32 GEMMs on the GPU
+        _assert_grads(grads, ref_grads, leaves, atol=2e-3, rtol=2e-3)
+    else:  # dz rounded to bf16 for the GEMMs, gradients returned in bf16
+        for g, rg in zip(grads, ref_grads):
+            assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+            rel = (g.double() - rg).norm() / rg.norm()
+            assert rel < 1e-2, f"relative error {rel:.3g}"
+    assert (grads[0][targets == -100] == 0).all()
+    assert (grads[2][torch.isinf(bias.detach())] == 0).all()
+
+
+def test_triton_backend_refuses_float64_and_auto_is_chunked_on_cpu():
+    gen, hidden, weight, bias, targets = _problem(41)
+    loss_fn = _generic_loss_fn(gen)
+    with pytest.raises(ValueError, match="float64"):
+        fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="triton")
+    a, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="auto")
+    b, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="chunked")
+    assert a.item() == b.item()
