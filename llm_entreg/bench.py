@@ -8,9 +8,17 @@ Every implementation runs in ONE process on the SAME inputs, so the ratios print
 - ``ours_chunked``: ``linear_logprob_and_entropy(..., backend="chunked")``; ``ours_chunked@TCxVC`` sets the token and
   vocabulary tile sizes of :func:`llm_entreg.ops.chunked.chunked_linear_token_stats`;
 - ``ours_triton``: ``backend="triton"`` (CUDA only; under ``TRITON_INTERPRET=1`` on the CPU it is far too slow to time);
+  ``ours_triton@FWD`` or ``ours_triton@FWD/DZ`` forces the kernels' launch configurations (``128x128x64w8s3``: see
+  :class:`llm_entreg.ops.triton_linear.KernelConfig`);
+- ``ours_fused_loss``: the loss-fused path (:func:`llm_entreg.ops.fused_linear_loss`, 6NdV) on the same per-token loss
+  ``sum g_lp logp + g_H H`` written as its closed-form ``loss_fn``; ``ours_fused_loss@MIB`` sets its chunk budget,
+  ``ours_fused_loss_chunked`` forces its torch backend (the default is Triton on CUDA);
 - ``ours_torch``: ``backend="torch"`` (the materializing reference path);
 - ``liger``: Liger's fused linear cross-entropy (log-prob only, no entropy; its backward takes a scalar loss) when
-  ``liger_kernel`` is importable and the device is CUDA.
+  ``liger_kernel`` is importable and the device is CUDA;
+- ``liger_scaled``: Liger's fused linear *scaled* cross-entropy with ``return_entropy=True`` (per-token NLL and
+  entropy, both differentiable: the same loss as ours). On sm90 Liger dispatches to its CuTe DSL kernel (needs the
+  ``nvidia-cutlass-dsl`` packages); elsewhere, or ``liger_scaled_fallback``, to its chunked torch fallback.
 
 Per implementation: a correctness guard on a small token slice against a float64 naive reference (forward outputs and
 the gradients of hidden/weight) -- an implementation that fails it is not timed; forward-only (no grad) and
@@ -44,7 +52,8 @@ from typing import Callable
 
 import torch
 
-ALL_IMPLS = ("naive", "trl_chunked", "ours_chunked", "ours_triton", "ours_torch", "liger")
+ALL_IMPLS = ("naive", "trl_chunked", "ours_chunked", "ours_triton", "ours_torch", "ours_fused_loss",
+             "ours_fused_loss_chunked", "liger", "liger_scaled", "liger_scaled_fallback")
 DEFAULT_IMPLS = "naive,trl_chunked,ours_chunked,ours_triton,liger"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: TRL's add_fused_lm_head vocabulary chunk.
@@ -73,6 +82,10 @@ class Impl:
     has_entropy: bool = True
     #: ``loss_fn(hidden, weight, targets, g_lp, g_h) -> scalar`` to backpropagate; default uses both outputs.
     loss_fn: Callable | None = None
+    #: whether ``loss_fn`` is the benchmark's loss (``sum g_lp logp + g_H H``), so its gradients can be checked.
+    loss_is_reference: bool = False
+    #: called before every run of this implementation (e.g. to set kernel configurations).
+    prepare: Callable[[], None] | None = None
     note: str = ""
 
 
@@ -153,10 +166,85 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         except Exception as exc:
             return None, f"llm_entreg.ops.triton_linear not importable: {exc}"
 
+        from llm_entreg.ops import triton_linear
+
+        fwd_cfg = dz_cfg = None
+        if param:
+            parts = param.split("/")
+            if len(parts) > 2:
+                raise ValueError(f"--impls: {spec!r}: expected ours_triton@FWD or ours_triton@FWD/DZ")
+            try:
+                fwd_cfg = triton_linear.KernelConfig.parse(parts[0])
+                dz_cfg = triton_linear.KernelConfig.parse(parts[-1])
+            except ValueError as exc:
+                raise ValueError(f"--impls: {spec!r}: {exc}") from None
+
+        def prepare():
+            triton_linear.set_kernel_config("fwd", fwd_cfg)
+            triton_linear.set_kernel_config("dz", dz_cfg)
+
         def triton_fn(hidden, weight, targets):
             return linear_logprob_and_entropy(hidden, weight, targets, backend="triton")
 
-        return Impl(spec, triton_fn, note="fused Triton LM head"), ""
+        dev = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        cfgs = {k: str(triton_linear.kernel_config(k, dev, torch.bfloat16)) for k in ("fwd", "dz")}
+        if fwd_cfg is not None:
+            cfgs = {"fwd": str(fwd_cfg), "dz": str(dz_cfg)}
+        note = f"fused Triton LM head (fwd {cfgs['fwd']}, dz {cfgs['dz']}{'' if param else ' for bf16'})"
+        return Impl(spec, triton_fn, prepare=prepare, note=note), ""
+    if base in ("ours_fused_loss", "ours_fused_loss_chunked"):
+        from llm_entreg.ops import fused_linear_loss
+        from llm_entreg.ops.fused_loss import CHUNK_BUDGET_BYTES, CUDA_CHUNK_BUDGET_BYTES
+
+        if base == "ours_fused_loss":
+            fl_backend = "triton" if device.type == "cuda" else "chunked"
+        else:
+            fl_backend = "chunked"
+        budget = int(float(param) * 2**20) if param else (
+            CUDA_CHUNK_BUDGET_BYTES if device.type == "cuda" else CHUNK_BUDGET_BYTES)
+
+        def fl_fn(hidden, weight, targets):
+            zero = lambda lp, h, rows: torch.zeros_like(lp)  # noqa: E731 - forward only: statistics
+            _, stats = fused_linear_loss(hidden, weight, targets, zero, backend=fl_backend,
+                                         chunk_budget_bytes=budget)
+            return stats.logprobs, stats.entropy
+
+        def fl_loss(hidden, weight, targets, g_lp, g_h):
+            g1, g2 = g_lp.detach().float(), g_h.detach().float()
+
+            def loss_fn(lp, h, rows):
+                return g1[rows].to(lp.dtype) * lp + g2[rows].to(h.dtype) * h
+
+            loss, _ = fused_linear_loss(hidden, weight, targets, loss_fn, backend=fl_backend,
+                                        chunk_budget_bytes=budget)
+            return loss
+
+        return Impl(spec, fl_fn, fwdbwd_flop_factor=6, loss_fn=fl_loss, loss_is_reference=True,
+                    note=f"loss-fused LM head ({fl_backend}, chunk budget {budget / 2**20:g} MiB)"), ""
+    if base in ("liger_scaled", "liger_scaled_fallback"):
+        try:
+            from liger_kernel.ops import fused_linear_scaled_cross_entropy as lsce
+        except Exception as exc:
+            return None, f"liger_kernel not importable ({type(exc).__name__}: {exc})"
+        if device.type != "cuda":
+            return None, "benchmarked on CUDA only"
+        if base == "liger_scaled":
+            try:
+                fn_cls = lsce._resolve_implementation(device if device.index is not None else torch.device("cuda", 0))
+            except Exception as exc:
+                return None, f"Liger's sm90 kernel not importable ({type(exc).__name__}: {str(exc)[:160]})"
+        else:
+            fn_cls = lsce._FusedLinearPPOFallbackFunction
+        fallback = fn_cls is lsce._FusedLinearPPOFallbackFunction
+
+        def scaled_fn(hidden, weight, targets):
+            if fallback:
+                nll, ent = fn_cls.apply(hidden, weight, targets, 1.0, -100, True)
+            else:
+                nll, ent = fn_cls.apply(hidden, weight, targets, 1.0, -100, 1, True)
+            return -nll.float(), ent.float()
+
+        return Impl(spec, scaled_fn, note=f"Liger fused linear scaled CE, {fn_cls.__name__}"), ""
     # liger
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -207,6 +295,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _loss(impl: Impl, hidden, weight, targets, g_lp, g_h):
+    if impl.prepare is not None:
+        impl.prepare()
     if impl.loss_fn is not None:
         return impl.loss_fn(hidden, weight, targets, g_lp, g_h)
     lp, ent = impl.fn(hidden, weight, targets)
@@ -215,6 +305,8 @@ def _loss(impl: Impl, hidden, weight, targets, g_lp, g_h):
 
 def _run_fwd(impl: Impl, inputs) -> None:
     hidden, weight, targets, _, _ = inputs
+    if impl.prepare is not None:
+        impl.prepare()
     with torch.no_grad():
         out = impl.fn(hidden, weight, targets)
     del out
@@ -444,6 +536,8 @@ def _check(impl: Impl, inputs, k: int, dtype: torch.dtype) -> dict:
     ((g1.double() * ref_lp).sum() + (g2.double() * ref_h).sum()).backward()
     tol = TOL[dtype]
     out: dict = {"tokens": k, "tolerance": tol}
+    if impl.prepare is not None:
+        impl.prepare()
     with torch.no_grad():
         lp, ent = impl.fn(h, w, t)
     out["max_abs_diff_logprobs"] = float((lp.double() - ref_lp.detach()).abs().max())
@@ -451,7 +545,7 @@ def _check(impl: Impl, inputs, k: int, dtype: torch.dtype) -> dict:
     passed = out["max_abs_diff_logprobs"] <= tol["logprobs"] and math.isfinite(out["max_abs_diff_logprobs"])
     if ent is not None:
         passed = passed and math.isfinite(out["max_abs_diff_entropy"]) and out["max_abs_diff_entropy"] <= tol["entropy"]
-    if impl.loss_fn is None:
+    if impl.loss_fn is None or impl.loss_is_reference:
         _loss(impl, h, w, t, g1, g2).backward()
 
         def rel(a, b):
@@ -459,6 +553,75 @@ def _check(impl: Impl, inputs, k: int, dtype: torch.dtype) -> dict:
 
         out["grad_rel_err_hidden"] = rel(h.grad, h64.grad)
         out["grad_rel_err_weight"] = rel(w.grad, w64.grad)
+        for key in ("grad_rel_err_hidden", "grad_rel_err_weight"):
+            passed = passed and math.isfinite(out[key]) and out[key] <= tol["grad_rel"]
+    else:
+        out["grad_rel_err_hidden"] = out["grad_rel_err_weight"] = None
+    out["passed"] = bool(passed)
+    return out
+
+
+def sampled_reference(inputs, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1024) -> dict:
+    """Float64 reference at full size on sampled token rows and vocabulary rows.
+
+    Statistics ``lse``/``H`` of every token (chunks of ``chunk`` tokens, fp64 logits), then for the token ``rows``
+    their log-probs, entropies and ``grad_hidden`` rows, and for the vocabulary ``cols`` the ``grad_weight`` rows
+    ``sum_t dz[t, c] h_t`` over all tokens. The loss is the benchmark's ``sum g_lp logp + g_H H``; the inputs are
+    upcast from their own dtype, so the products are exact and only the implementation's rounding shows.
+    """
+    hidden, weight, targets, g_lp, g_h = inputs
+    h64, w64 = hidden.detach().double(), weight.detach().double()
+    g1, g2 = g_lp.double(), g_h.double()
+    n = h64.shape[0]
+    lse = torch.empty(n, dtype=torch.float64, device=h64.device)
+    ent = torch.empty_like(lse)
+    for r0 in range(0, n, chunk):
+        z = h64[r0 : r0 + chunk] @ w64.t()
+        lse_c = torch.logsumexp(z, 1)
+        p = torch.exp(z - lse_c[:, None])
+        lse[r0 : r0 + chunk] = lse_c
+        ent[r0 : r0 + chunk] = lse_c - (p * z).sum(1)
+        del z, p
+
+    def dz_of(z, lse_, ent_, onehot, a, b):
+        p = torch.exp(z - lse_[:, None])
+        return a[:, None] * (onehot - p) - b[:, None] * p * (z - lse_[:, None] + ent_[:, None])
+
+    z_r = h64[rows] @ w64.t()
+    t_r = targets[rows]
+    lp_r = z_r.gather(1, t_r[:, None]).squeeze(1) - lse[rows]
+    onehot_r = torch.zeros_like(z_r).scatter_(1, t_r[:, None], 1.0)
+    dh_r = dz_of(z_r, lse[rows], ent[rows], onehot_r, g1[rows], g2[rows]) @ w64
+    z_c = h64 @ w64[cols].t()
+    onehot_c = (targets[:, None] == cols[None, :]).double()
+    dw_c = dz_of(z_c, lse, ent, onehot_c, g1, g2).t() @ h64
+    return {"logprobs": lp_r, "entropy": ent[rows], "grad_hidden": dh_r, "grad_weight": dw_c}
+
+
+def check_sampled(impl: Impl, inputs, ref: dict, rows, cols, dtype: torch.dtype) -> dict:
+    """Run ``impl`` forward and forward+backward at full size; compare the sampled rows with :func:`sampled_reference`."""
+    hidden, weight, targets = inputs[:3]
+    if impl.prepare is not None:
+        impl.prepare()
+    with torch.no_grad():
+        lp, ent = impl.fn(hidden, weight, targets)
+    out: dict = {"token_rows": int(rows.numel()), "vocab_rows": int(cols.numel())}
+    out["max_abs_diff_logprobs"] = float((lp[rows].double() - ref["logprobs"]).abs().max())
+    out["max_abs_diff_entropy"] = None if ent is None else float((ent[rows].double() - ref["entropy"]).abs().max())
+    del lp, ent
+    tol = TOL[dtype]
+    passed = math.isfinite(out["max_abs_diff_logprobs"]) and out["max_abs_diff_logprobs"] <= tol["logprobs"]
+    if out["max_abs_diff_entropy"] is not None:
+        passed = passed and math.isfinite(out["max_abs_diff_entropy"]) and out["max_abs_diff_entropy"] <= tol["entropy"]
+    if impl.loss_fn is None or impl.loss_is_reference:
+        _run_fwdbwd(impl, inputs)
+
+        def rel(a, b):
+            return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+        out["grad_rel_err_hidden"] = rel(hidden.grad[rows], ref["grad_hidden"])
+        out["grad_rel_err_weight"] = rel(weight.grad[cols], ref["grad_weight"])
+        hidden.grad = weight.grad = None
         for key in ("grad_rel_err_hidden", "grad_rel_err_weight"):
             passed = passed and math.isfinite(out[key]) and out[key] <= tol["grad_rel"]
     else:
@@ -552,6 +715,9 @@ def build_parser(prog: str = "bench_entropy.py") -> argparse.ArgumentParser:
                         "load change on a shared machine hits all alike; sequential: all repeats of one, then the next")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-tokens", type=int, default=64, help="tokens of the correctness-guard slice (default 64)")
+    p.add_argument("--check-sampled", type=int, default=0, metavar="K",
+                   help="also check every implementation AT FULL SIZE on K sampled token rows and K vocabulary rows "
+                        "against a float64 reference (default 0: off)")
     p.add_argument("--memory", choices=("both", "fwdbwd", "off"), default=None,
                    help="peak-memory measurements: fwd and fwd+bwd, fwd+bwd only, or none "
                         "(default both; --quick: fwdbwd). On the CPU each is a fresh subprocess.")
@@ -656,6 +822,30 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
             results[spec]["status"] = "check_failed"
             del impls[spec]
 
+    if args.check_sampled and impls:
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        rows = torch.randperm(n, generator=gen)[: args.check_sampled].to(device)
+        cols = torch.randperm(vocab, generator=gen)[: args.check_sampled].to(device)
+        cols[0] = int(inputs[2][rows[0]])  # one sampled vocabulary row is some sampled token's target
+        ref = sampled_reference(inputs, rows, cols)
+        for spec, impl in list(impls.items()):
+            try:
+                chk = check_sampled(impl, inputs, ref, rows, cols, dtype)
+            except Exception as exc:  # noqa: BLE001
+                chk = {"passed": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                inputs[0].grad = inputs[1].grad = None
+            results[spec]["check_sampled"] = chk
+            log(f"  {spec:<24} full-size sampled check {'PASS' if chk['passed'] else 'FAIL'}: "
+                f"max|dlogp|={chk.get('max_abs_diff_logprobs')} max|dH|={chk.get('max_abs_diff_entropy')} "
+                f"grad rel h/w={chk.get('grad_rel_err_hidden')}/{chk.get('grad_rel_err_weight')}"
+                + (f" {chk['error']}" if "error" in chk else ""))
+            if not chk["passed"]:
+                results[spec]["status"] = "check_failed"
+                del impls[spec]
+        del ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     jobs = [(spec, mode) for spec in mem_specs if spec in impls for mode in mem_modes]
     for spec in impls:
         results[spec]["memory"] = {}
@@ -729,7 +919,8 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
         "device": info,
         "config": {
             "n": n, "d": d, "vocab": vocab, "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-            "impls": specs, "mem_impls": args.mem_impls, "order": args.order, "seed": args.seed, "check_tokens": k, "memory": args.memory, "quick": args.quick,
+            "impls": specs, "mem_impls": args.mem_impls, "order": args.order, "seed": args.seed, "check_tokens": k,
+            "check_sampled": args.check_sampled, "memory": args.memory, "quick": args.quick,
             "token_chunk": args.token_chunk, "vocab_chunk": args.vocab_chunk,
             "loss": "(g_lp * logp).sum() + (g_H * H).sum(), g ~ N(0,1) per token; grads to hidden and weight",
             "flops": "fwd 2NdV; fwd+bwd 8NdV with a recomputing backward, 6NdV when the logits are kept",
@@ -858,6 +1049,19 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt(r['fwdbwd_time_vs_naive'], '.3f')} | {_fmt(r['fwd_mem_vs_naive'], '.3f')} "
             f"| {_fmt(r['fwdbwd_mem_vs_naive'], '.3f')} | {_fmt(r['fwdbwd_mem_excl_grads_vs_naive'], '.3f')} |"
         )
+    sampled = {s_: r["check_sampled"] for s_, r in report["results"].items() if "check_sampled" in r}
+    if sampled:
+        k_s = next(iter(sampled.values())).get("token_rows", "?")
+        lines += ["", f"Full-size check against float64 on {k_s} sampled token rows (log-prob, entropy, grad_hidden "
+                  f"rows) and {k_s} sampled vocabulary rows (grad_weight rows):", "",
+                  "| impl | max\\|Δlogp\\| | max\\|ΔH\\| | grad_hidden rel err | grad_weight rel err | |",
+                  "|---|---|---|---|---|---|"]
+        for spec, c in sampled.items():
+            lines.append(f"| {spec} | {_fmt(c.get('max_abs_diff_logprobs'), '.1e')} "
+                         f"| {_fmt(c.get('max_abs_diff_entropy'), '.1e', 'n/a')} "
+                         f"| {_fmt(c.get('grad_rel_err_hidden'), '.1e', 'n/a')} "
+                         f"| {_fmt(c.get('grad_rel_err_weight'), '.1e', 'n/a')} "
+                         f"| {'ok' if c.get('passed') else 'FAILED ' + c.get('error', '')[:60]} |")
     lines += ["", "Notes: " + "; ".join(f"`{s}`: {r['note']}" for s, r in report["results"].items() if r.get("note")),
               f"FLOPs: {cfg['flops']}. Loss: {cfg['loss']}. Peak extra memory: "
               + ("allocator peak minus the baseline after the inputs exist" if dev["device"].startswith("cuda")

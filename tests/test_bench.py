@@ -96,3 +96,69 @@ def test_script_help_runs():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_entropy.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--impls" in proc.stdout
+
+
+def test_fused_loss_impl_and_full_size_sampled_check(tmp_path):
+    """The loss-fused implementation passes both guards (its gradients are checked: its loss_fn is the benchmark's
+    loss); the full-size sampled check catches an implementation that is right on the first tokens only."""
+    real = bench.resolve_impl
+
+    def resolve(spec, device, token_chunk=None, vocab_chunk=None):
+        if spec != "broken_late":
+            return real(spec, device, token_chunk, vocab_chunk)
+        impl, reason = real("ours_chunked", device, token_chunk, vocab_chunk)
+        good = impl.fn
+
+        def late(h, w, t):  # wrong only beyond the first 64 tokens: the small-slice guard cannot see it
+            lp, ent = good(h, w, t)
+            return lp, ent + (torch.arange(ent.shape[0]) >= 64).float() * 0.5
+
+        impl.fn, impl.name = late, spec
+        return impl, reason
+
+    import unittest.mock as mock
+
+    with mock.patch.object(bench, "resolve_impl", resolve), mock.patch.object(bench, "ALL_IMPLS",
+                                                                               bench.ALL_IMPLS + ("broken_late",)):
+        report = _run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--impls",
+                       "naive,ours_fused_loss,ours_fused_loss@0.5,broken_late", "--memory", "off", "--repeats", "1",
+                       "--warmup", "0", "--check-sampled", "24"])
+    res = report["results"]
+    for spec in ("naive", "ours_fused_loss", "ours_fused_loss@0.5"):
+        r = res[spec]
+        assert r["status"] == "ok", (spec, r)
+        assert r["check"]["grad_rel_err_hidden"] < 1e-4 and r["check"]["grad_rel_err_weight"] < 1e-4
+        s = r["check_sampled"]
+        assert s["passed"] and s["token_rows"] == 24 and s["vocab_rows"] == 24
+        assert s["max_abs_diff_logprobs"] < 1e-4 and s["max_abs_diff_entropy"] < 1e-4
+        assert s["grad_rel_err_hidden"] < 1e-4 and s["grad_rel_err_weight"] < 1e-4
+        assert r["fwdbwd"]["flop_factor"] == 6
+    assert res["ours_fused_loss@0.5"]["note"] == "loss-fused LM head (chunked, chunk budget 0.5 MiB)"
+    bad = res["broken_late"]
+    assert bad["check"]["passed"] and not bad["check_sampled"]["passed"] and bad["status"] == "check_failed"
+    assert "fwdbwd" not in bad
+    md = Path(report["files"]["markdown"]).read_text()
+    assert "Full-size check against float64 on 24 sampled token rows" in md
+
+
+def test_sampled_reference_matches_autograd_float64():
+    gen = torch.Generator().manual_seed(5)
+    n, d, v = 40, 16, 97
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=gen)
+    g1, g2 = torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    rows, cols = torch.tensor([0, 7, 39]), torch.tensor([int(targets[7]), 3, 96])
+    ref = bench.sampled_reference((hidden, weight, targets, g1, g2), rows, cols, chunk=16)
+    logp = torch.log_softmax(hidden @ weight.t(), dim=-1)  # float64 throughout
+    lp, ent = logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    ((g1 * lp).sum() + (g2 * ent).sum()).backward()
+    torch.testing.assert_close(ref["logprobs"], lp[rows].detach())
+    torch.testing.assert_close(ref["entropy"], ent[rows].detach())
+    torch.testing.assert_close(ref["grad_hidden"], hidden.grad[rows])
+    torch.testing.assert_close(ref["grad_weight"], weight.grad[cols])
+
+
+def test_triton_spec_on_cpu_is_skipped_with_its_reason():
+    impl, reason = bench.resolve_impl("ours_triton@64x64x32w4s2", torch.device("cpu"))
+    assert impl is None and "CUDA" in reason
