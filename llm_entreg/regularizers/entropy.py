@@ -91,6 +91,34 @@ def entropy_quantile_threshold(entropy: torch.Tensor, mask: torch.Tensor, top_qu
     return s[lo] + (s[hi] - s[lo]) * frac
 
 
+def global_entropy_quantile_threshold(
+    entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float, group=None
+) -> torch.Tensor:
+    """:func:`entropy_quantile_threshold` over the masked entropies of EVERY data-parallel rank (as TRL's GRPO).
+
+    Each rank contributes its masked-in values (any number, zero included); they are gathered with
+    ``torch.distributed.all_gather`` over ``group`` (padded to the longest rank) and every rank gets the same
+    threshold. Without an initialized process group it is the local threshold. Every rank must call it.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return entropy_quantile_threshold(entropy, mask, top_quantile)
+    world = torch.distributed.get_world_size(group)
+    if world == 1:
+        return entropy_quantile_threshold(entropy, mask, top_quantile)
+    local = entropy.detach()[mask.bool()].to(torch.float64).reshape(-1)
+    # gloo has no all_gather for unequal sizes: exchange the counts, then pad every rank to the longest
+    count = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count, group=group)
+    longest = max(int(c.item()) for c in counts)
+    padded = torch.zeros(longest, dtype=torch.float64, device=local.device)
+    padded[: local.numel()] = local
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded, group=group)
+    values = torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+    return entropy_quantile_threshold(values, torch.ones_like(values, dtype=torch.bool), top_quantile)
+
+
 def top_entropy_mask(
     entropy: torch.Tensor,
     mask: torch.Tensor,
@@ -272,6 +300,7 @@ __all__ = [
     "check_entropy_coef",
     "entropy_loss_term",
     "entropy_quantile_threshold",
+    "global_entropy_quantile_threshold",
     "entropy_reward",
     "sampled_entropy_reward",
     "top_entropy_mask",

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..ops import BACKENDS, install_fused_head
-from ..regularizers import EntropyBonus, make_coefficient
+from ..regularizers import EntropyBonus, global_entropy_quantile_threshold, make_coefficient
 from ..regularizers.aggregation import global_mean_loss_scale
 
 STATE_FILE = "llm_entreg_state.pt"
@@ -308,7 +308,10 @@ class EntropyRegularizationMixin:
         )
         if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
             agg_kwargs["max_len"] = self._entropy_max_len(mask)
-        term = self.entropy_bonus.loss_term(entropy, mask, coef, **agg_kwargs)
+        threshold = None
+        if self.entropy_bonus.top_entropy_quantile < 1.0:  # one threshold over every rank's tokens, as TRL's GRPO
+            threshold = global_entropy_quantile_threshold(entropy, mask, self.entropy_bonus.top_entropy_quantile)
+        term = self.entropy_bonus.loss_term(entropy, mask, coef, threshold=threshold, **agg_kwargs)
         # Metrics: the unscaled value of beta * agg(H), and the measured entropy for the controllers
         with torch.no_grad():
             h_sum = (entropy.detach().float() * mask).sum()
@@ -321,7 +324,7 @@ class EntropyRegularizationMixin:
                 share = -term.detach().reshape(1) * ga
                 bonus = self.accelerator.reduce(share, reduction="sum")
             else:
-                local_bonus = -self.entropy_bonus.loss_term(entropy.detach(), mask, coef, **{
+                local_bonus = -self.entropy_bonus.loss_term(entropy.detach(), mask, coef, threshold=threshold, **{
                     k: v for k, v in agg_kwargs.items() if k == "max_len"})
                 bonus = self.accelerator.gather_for_metrics(local_bonus.reshape(1)).mean()
         self._entropy_record(h_sum, n_tok, coef, bonus.item(), mode)

@@ -148,3 +148,60 @@ def test_levels_refuse_the_wrong_call():
         EntropyBonus(0.5, entropy_level="reward", loss_agg_mode="token-mean")
     with pytest.raises(ValueError, match="loss_agg_mode"):
         EntropyBonus(0.5, loss_agg_mode="token-sum")
+
+
+# ---------------------------------------------------------------- the threshold over every rank
+
+
+_RANK_ENTROPIES = {  # rank -> (entropies [2, 3], mask): rank 1 has one masked-in token, rank 2 none
+    0: ([[0.5, 2.0, 9.0], [1.0, 4.0, 9.0]], [[1, 1, 0], [1, 1, 0]]),
+    1: ([[3.0, 9.0, 9.0], [9.0, 9.0, 9.0]], [[1, 0, 0], [0, 0, 0]]),
+    2: ([[9.0, 9.0, 9.0], [9.0, 9.0, 9.0]], [[0, 0, 0], [0, 0, 0]]),
+}
+
+
+def _threshold_worker(rank: int, tmp: str) -> None:
+    import json
+
+    from llm_entreg.regularizers import global_entropy_quantile_threshold
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=3)
+    try:
+        ent, mask = (torch.tensor(x) for x in _RANK_ENTROPIES[rank])
+        thr = global_entropy_quantile_threshold(ent, mask.bool(), 0.4)
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(f"{tmp}/rank{rank}.json", "w") as f:
+        json.dump(float(thr), f)
+
+
+@pytest.mark.slow
+def test_global_threshold_is_the_quantile_of_every_ranks_tokens(tmp_path):
+    """3 gloo processes holding 4, 1 and 0 masked-in tokens get one threshold: that of the 5 values together."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from llm_entreg.regularizers import entropy_quantile_threshold, global_entropy_quantile_threshold
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    procs = [ctx.Process(target=_threshold_worker, args=(r, str(tmp_path))) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    # values 0.5, 1, 2, 3, 4: the 0.6 quantile is at position 0.6 * 4 = 2.4 -> 2 + 0.4 * (3 - 2) = 2.4
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert got == [pytest.approx(2.4)] * 3
+    # rank 0 alone would have used its own 4 values: 0.6 * 3 = 1.8 -> 1 + 0.8 * (2 - 1) = 1.8
+    ent, mask = (torch.tensor(x) for x in _RANK_ENTROPIES[0])
+    assert float(entropy_quantile_threshold(ent, mask.bool(), 0.4)) == pytest.approx(1.8)
+    # without a process group the global threshold is the local one
+    assert float(global_entropy_quantile_threshold(ent, mask.bool(), 0.4)) == pytest.approx(1.8)

@@ -48,13 +48,15 @@ def _loss_and_grads(trainer, inputs):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("coef", [0.0, 0.3])
-def test_matches_trl_grpo_with_the_same_entropy_coef(default, tmp_path, coef):
+@pytest.mark.parametrize("coef, top_q", [(0.0, 1.0), (0.3, 1.0), (0.3, 0.5)])
+def test_matches_trl_grpo_with_the_same_entropy_coef(default, tmp_path, coef, top_q):
     """β = 0: TRL's GRPO loss exactly (on our fused head). β > 0: equal to TRL's own token-mean bonus at that β
-    (single process, GA 1, where the two normalizations coincide) — so the term is applied once, not twice."""
+    (single process, GA 1, where the two normalizations coincide) — so the term is applied once, not twice.
+    top_q < 1: TRL's policy loss and bonus on its top-entropy tokens = ours with both quantiles set to q."""
     model = default.load_model()
-    theirs = _trainer(GRPOTrainer, GRPOConfig, model, default, tmp_path, entropy_coef=coef)
-    ours = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path, entropy_coef=coef)
+    theirs = _trainer(GRPOTrainer, GRPOConfig, model, default, tmp_path, entropy_coef=coef, top_entropy_quantile=top_q)
+    ours = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path, entropy_coef=coef,
+                    top_entropy_quantile=top_q, entropy_bonus_top_quantile=top_q)
     theirs.model.train()
     theirs.current_gradient_accumulation_steps = 1
     batches = iter(theirs.get_train_dataloader())
