@@ -48,6 +48,9 @@ DZ_BUFFER_BYTES = 192 * 2**20
 #: ``grad_weight`` (``[V, d]``) when the tokens need several chunks and it fits. Peak extra memory of the backward is
 #: about ``DZ_BUFFER_BYTES + ACC_BYTES`` (448 MiB) beyond the inputs and their gradients.
 ACC_BYTES = 256 * 2**20
+#: Fewest vocabulary splits of the forward on CUDA, and token blocks per group of the dz kernel's launch order.
+MIN_SPLITS = 16
+DZ_GROUP = 8
 #: Smallest token chunk, and the vocabulary chunk's multiple.
 MIN_TOKEN_CHUNK = 256
 VOCAB_ALIGN = 256
@@ -210,6 +213,7 @@ def _linear_fwd_kernel(
     V,
     D,
     V_PER_SPLIT,
+    SPLITS,
     temperature,
     HAS_BIAS: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -223,8 +227,11 @@ def _linear_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # 1-D grid, the split index fastest: the programs resident at one time cover few token blocks and many vocabulary
+    # splits, so their hidden rows stay in L2 (token blocks fastest would put every token block's rows in flight).
+    pid = tl.program_id(0)
+    split = pid % SPLITS
+    pid_n = pid // SPLITS
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(targets_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
@@ -310,12 +317,23 @@ def _linear_dz_kernel(
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EVEN_D: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    # Grouped 1-D grid (as a GEMM's): GROUP token blocks x all vocabulary blocks per group, token block fastest, so
+    # the programs resident at one time share a few hidden row blocks and a band of weight rows in L2.
+    pid = tl.program_id(0)
+    n_tb = tl.cdiv(N, BLOCK_N)
+    n_vb = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP * n_vb
+    first_tb = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_tb - first_tb, GROUP)
+    tb = first_tb + (pid % per_group) % group_size
+    vb = (pid % per_group) // group_size
+    rows = tb.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vb.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     col_ok = cols < V
     z = _logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, rows, row_ok, cols, col_ok,
@@ -353,10 +371,13 @@ def _num_splits(n_rows: int, n_vocab: int, device: torch.device, cfg: KernelConf
     token_blocks = triton.cdiv(n_rows, cfg.block_n)
     vocab_blocks = triton.cdiv(n_vocab, cfg.block_v)
     if device.type == "cuda":
+        # at least 2 programs per SM, and at least MIN_SPLITS splits so that the resident programs span few token
+        # blocks (their hidden rows then stay in L2 while the weight streams)
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        floor = MIN_SPLITS
     else:
-        target = 4  # the interpreter: a few splits, so that the merge is exercised
-    splits = max(1, min(vocab_blocks, triton.cdiv(target, token_blocks)))
+        target, floor = 4, 1  # the interpreter: a few splits, so that the merge is exercised
+    splits = max(1, min(vocab_blocks, max(floor, triton.cdiv(target, token_blocks))))
     per_split = triton.cdiv(vocab_blocks, splits)
     return triton.cdiv(vocab_blocks, per_split), per_split * cfg.block_v
 
@@ -377,14 +398,14 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
     zsum = torch.empty(splits, n, **f32) if want_mean else m
     best = torch.empty(splits, n, **f32) if want_top1 else m
     best_idx = torch.empty(splits, n, device=dev, dtype=torch.int64) if want_top1 else m
-    grid = (triton.cdiv(n, cfg.block_n), splits)
+    grid = (triton.cdiv(n, cfg.block_n) * splits,)
     _linear_fwd_kernel[grid](
         h, h.stride(0), h.stride(1),
         weight, weight.stride(0), weight.stride(1),
         h if bias is None else bias,
         targets,
         m, s, t, zy, q, zsum, best, best_idx,
-        n, v, d, v_per_split, temperature,
+        n, v, d, v_per_split, splits, temperature,
         HAS_BIAS=bias is not None,
         COMPUTE=_TL_DTYPE[compute_dtype],
         PRECISION=_precision(compute_dtype),
@@ -563,7 +584,7 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
         for ci, c0 in enumerate(range(0, v, vc)):
             c1 = min(c0 + vc, v)
             dz = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            grid = (triton.cdiv(r1 - r0, cfg.block_n), triton.cdiv(c1 - c0, cfg.block_v))
+            grid = (triton.cdiv(r1 - r0, cfg.block_n) * triton.cdiv(c1 - c0, cfg.block_v),)
             w_slice = weight[c0:c1]
             _linear_dz_kernel[grid](
                 h_chunk, h_chunk.stride(0), h_chunk.stride(1),
@@ -581,6 +602,7 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
                 PRECISION=_precision(cdt),
                 INTERPRETER=not h_chunk.is_cuda,
                 EVEN_D=d % cfg.block_d == 0,
+                GROUP=DZ_GROUP,
                 BLOCK_N=cfg.block_n,
                 BLOCK_V=cfg.block_v,
                 BLOCK_D=cfg.block_d,

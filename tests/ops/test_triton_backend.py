@@ -400,10 +400,12 @@ def test_kernel_config_parse_override_and_env(monkeypatch):
 
 
 @needs_kernels
-def test_linear_kernels_with_a_forced_config():
-    """A config other than the default (different tiles for the two kernels, d not a multiple of BLOCK_D)."""
+def test_linear_kernels_with_a_forced_config(monkeypatch):
+    """A config other than the default (different tiles for the two kernels, d not a multiple of BLOCK_D), and the
+    dz kernel's grouped launch order with several groups, the last one ragged (3 token blocks, groups of 2)."""
+    monkeypatch.setattr(triton_linear, "DZ_GROUP", 2)
     gen = torch.Generator().manual_seed(61)
-    hidden, weight, bias, targets = _linear_inputs(gen, torch.float32, "finite", n=21, d=40, n_vocab=150)
+    hidden, weight, bias, targets = _linear_inputs(gen, torch.float32, "finite", n=40, d=40, n_vocab=150)
     hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
     params = [t.requires_grad_(True) for t in (hidden, weight, bias)]
     triton_linear.set_kernel_config("fwd", "32x32x32w4s2")
