@@ -9,7 +9,8 @@ Every implementation runs in ONE process on the SAME inputs, so the ratios print
   vocabulary tile sizes of :func:`llm_entreg.ops.chunked.chunked_linear_token_stats`;
 - ``ours_triton``: ``backend="triton"`` (CUDA only; under ``TRITON_INTERPRET=1`` on the CPU it is far too slow to time);
   ``ours_triton@FWD`` or ``ours_triton@FWD/DZ`` forces the kernels' launch configurations (``128x128x64w8s3``: see
-  :class:`llm_entreg.ops.triton_linear.KernelConfig`);
+  :class:`llm_entreg.ops.triton_linear.KernelConfig`), ``+splitsN`` / ``+groupN`` the forward's ``MIN_SPLITS`` and
+  the dz kernel's ``DZ_GROUP`` (e.g. ``ours_triton@+splits1+group1``: the launch order of version 1);
 - ``ours_fused_loss``: the loss-fused path (:func:`llm_entreg.ops.fused_linear_loss`, 6NdV) on the same per-token loss
   ``sum g_lp logp + g_H H`` written as its closed-form ``loss_fn``; ``ours_fused_loss@MIB`` sets its chunk budget,
   ``ours_fused_loss_chunked`` forces its torch backend (the default is Triton on CUDA);
@@ -155,8 +156,6 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
 
         return Impl(spec, torch_fn, fwdbwd_flop_factor=6, note="materializing reference backend"), ""
     if base == "ours_triton":
-        if device.type != "cuda":
-            return None, "CUDA only (on the CPU Triton runs only under TRITON_INTERPRET=1, far too slow to time)"
         try:
             from llm_entreg.ops import linear_logprob_and_entropy, triton_available
 
@@ -169,19 +168,33 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         from llm_entreg.ops import triton_linear
 
         fwd_cfg = dz_cfg = None
+        knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP}
+        defaults = dict(knobs)
         if param:
-            parts = param.split("/")
+            cfg_part, *extra = param.split("+")
+            parts = cfg_part.split("/") if cfg_part else []
             if len(parts) > 2:
-                raise ValueError(f"--impls: {spec!r}: expected ours_triton@FWD or ours_triton@FWD/DZ")
+                raise ValueError(f"--impls: {spec!r}: expected ours_triton@FWD[/DZ][+splitsN][+groupN]")
             try:
-                fwd_cfg = triton_linear.KernelConfig.parse(parts[0])
-                dz_cfg = triton_linear.KernelConfig.parse(parts[-1])
+                if parts:
+                    fwd_cfg = triton_linear.KernelConfig.parse(parts[0])
+                    dz_cfg = triton_linear.KernelConfig.parse(parts[-1])
+                for knob in extra:
+                    name = "MIN_SPLITS" if knob.startswith("splits") else "DZ_GROUP" if knob.startswith("group") else None
+                    value = knob.removeprefix("splits").removeprefix("group")
+                    if name is None or not value.isdigit() or int(value) < 1:
+                        raise ValueError(f"unknown knob {knob!r} (splitsN or groupN, N >= 1)")
+                    knobs[name] = int(value)
             except ValueError as exc:
                 raise ValueError(f"--impls: {spec!r}: {exc}") from None
+        if device.type != "cuda":
+            return None, "CUDA only (on the CPU Triton runs only under TRITON_INTERPRET=1, far too slow to time)"
 
         def prepare():
             triton_linear.set_kernel_config("fwd", fwd_cfg)
             triton_linear.set_kernel_config("dz", dz_cfg)
+            for name, value in knobs.items():
+                setattr(triton_linear, name, value)
 
         def triton_fn(hidden, weight, targets):
             return linear_logprob_and_entropy(hidden, weight, targets, backend="triton")
@@ -190,7 +203,8 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         cfgs = {k: str(triton_linear.kernel_config(k, dev, torch.bfloat16)) for k in ("fwd", "dz")}
         if fwd_cfg is not None:
             cfgs = {"fwd": str(fwd_cfg), "dz": str(dz_cfg)}
-        note = f"fused Triton LM head (fwd {cfgs['fwd']}, dz {cfgs['dz']}{'' if param else ' for bf16'})"
+        note = (f"fused Triton LM head (fwd {cfgs['fwd']}, dz {cfgs['dz']}{'' if fwd_cfg else ' for bf16'}"
+                + "".join(f", {k}={v}" for k, v in knobs.items() if v != defaults[k]) + ")")
         return Impl(spec, triton_fn, prepare=prepare, note=note), ""
     if base in ("ours_fused_loss", "ours_fused_loss_chunked"):
         from llm_entreg.ops import fused_linear_loss

@@ -58,7 +58,7 @@ stage main 170 python3 scripts/bench_entropy.py "${CASE[@]}" \
   --check-sampled 128 --check-tokens 32 --repeats 10 --warmup 2 --memory fwdbwd --out "$OUT/main"
 stage tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
 stage tune 120 python3 scripts/bench_entropy.py "${CASE[@]}" --memory off --repeats 5 --warmup 1 --check-tokens 16 \
-  --impls ours_triton@128x128x64w8s3,ours_triton@128x256x64w8s3,ours_triton@64x256x64w8s3,ours_triton@128x128x64w4s4,ours_triton@256x128x64w8s3,ours_triton@128x128x128w8s2,ours_triton@128x128x64w8s4/128x256x64w8s3,ours_fused_loss@512,ours_fused_loss@2048 \
+  --impls ours_triton@128x128x64w8s3,ours_triton@128x256x64w8s3,ours_triton@64x256x64w8s3,ours_triton@128x128x64w4s4,ours_triton@256x128x64w8s3,ours_triton@128x128x128w8s2,ours_triton@128x128x64w8s4/128x256x64w8s3,ours_triton@+splits1+group1,ours_fused_loss@512,ours_fused_loss@2048 \
   --out "$OUT/tune"
 stage sizes 150 python3 scripts/bench_sizes.py "${SIZES[@]}" --impls trl_chunked,ours_triton,ours_fused_loss,liger --repeats 3 --warmup 1 --memory off \
   --out "$OUT/sizes"
