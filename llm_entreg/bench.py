@@ -53,6 +53,8 @@ from typing import Callable
 
 import torch
 
+from llm_entreg.ops import linear_logprob_and_entropy
+
 ALL_IMPLS = ("naive", "trl_chunked", "ours_chunked", "ours_triton", "ours_torch", "ours_fused_loss",
              "ours_fused_loss_chunked", "liger", "liger_scaled", "liger_scaled_fallback")
 DEFAULT_IMPLS = "naive,trl_chunked,ours_chunked,ours_triton,liger"
@@ -137,7 +139,6 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         kind = "cuda" if device.type == "cuda" else "cpu"
         note = f"token_chunk={tc or TOKEN_CHUNK[kind]}, vocab_chunk={vc or VOCAB_CHUNK[kind]}"
         if tc is None and vc is None:
-            from llm_entreg.ops import linear_logprob_and_entropy
 
             def ours_fn(hidden, weight, targets):
                 return linear_logprob_and_entropy(hidden, weight, targets, backend="chunked")
@@ -149,7 +150,6 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
 
         return Impl(spec, ours_fn, note=note), ""
     if base == "ours_torch":
-        from llm_entreg.ops import linear_logprob_and_entropy
 
         def torch_fn(hidden, weight, targets):
             return linear_logprob_and_entropy(hidden, weight, targets, backend="torch")
@@ -157,15 +157,13 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         return Impl(spec, torch_fn, fwdbwd_flop_factor=6, note="materializing reference backend"), ""
     if base == "ours_triton":
         try:
-            from llm_entreg.ops import linear_logprob_and_entropy, triton_available
+            from llm_entreg.ops import triton_available
 
             if not triton_available():
                 return None, "triton not importable"
-            from llm_entreg.ops import triton_linear  # noqa: F401
+            from llm_entreg.ops import triton_linear
         except Exception as exc:
             return None, f"llm_entreg.ops.triton_linear not importable: {exc}"
-
-        from llm_entreg.ops import triton_linear
 
         fwd_cfg = dz_cfg = None
         knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP}

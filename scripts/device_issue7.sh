@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 BUDGET=${ISSUE7_BUDGET_S:-540}
-STAGES=${ISSUE7_STAGES:-"probe tests main tune sizes e2e sanitizer"}
+STAGES=${ISSUE7_STAGES:-"probe main e2e sizes sanitizer tune tests"}
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -45,8 +45,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHO
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv > "$OUT/nvidia_smi.txt" 2>&1
 
 CASE=(--n 16384 --d 4096 --vocab 151936 --dtype bf16)
-SIZES=(--ns 2048,8192,16384,65536 --vocabs 128256,151936,262144 --d 4096 --dtype bf16)
-STEP=(--device cuda)
+SIZES=(--ns 2048,16384,65536 --vocabs 128256,151936,262144 --d 4096 --dtype bf16)
+STEP=(--device cuda --configs dpo_ours,dpo_ours_b0,dpo_trl,grpo_ours,grpo_trl)
 if [[ ${ISSUE7_DRY:-0} == 1 ]]; then
   CASE=(--n 48 --d 32 --vocab 1001 --dtype fp32 --device cpu --threads 1)
   SIZES=(--ns 32,64 --vocabs 301,1001 --d 16 --dtype fp32 --device cpu)
@@ -55,21 +55,23 @@ fi
 stage probe 90 python3 scripts/device_probe.py --out "$OUT/probe.json"
 stage main 170 python3 scripts/bench_entropy.py "${CASE[@]}" \
   --impls naive,trl_chunked,ours_chunked,ours_triton,ours_fused_loss,ours_fused_loss_chunked,liger,liger_scaled,liger_scaled_fallback \
-  --check-sampled 128 --check-tokens 32 --repeats 10 --warmup 2 --memory fwdbwd --out "$OUT/main"
-stage tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
-stage tune 120 python3 scripts/bench_entropy.py "${CASE[@]}" --memory off --repeats 5 --warmup 1 --check-tokens 16 \
-  --impls ours_triton@128x128x64w8s3,ours_triton@128x256x64w8s3,ours_triton@64x256x64w8s3,ours_triton@128x128x64w4s4,ours_triton@256x128x64w8s3,ours_triton@128x128x128w8s2,ours_triton@128x128x64w8s4/128x256x64w8s3,ours_triton@+splits1+group1,ours_fused_loss@512,ours_fused_loss@2048 \
-  --out "$OUT/tune"
-stage sizes 150 python3 scripts/bench_sizes.py "${SIZES[@]}" --impls trl_chunked,ours_triton,ours_fused_loss,liger --repeats 3 --warmup 1 --memory off \
-  --out "$OUT/sizes"
+  --check-sampled 128 --check-tokens 32 --repeats 7 --warmup 2 --memory fwdbwd --out "$OUT/main"
 if [[ -f scripts/bench_step.py ]]; then
   stage e2e 150 python3 scripts/bench_step.py "${STEP[@]}" --out "$OUT/e2e"
 fi
+stage sizes 150 python3 scripts/bench_sizes.py "${SIZES[@]}" --impls trl_chunked,ours_triton,ours_fused_loss,liger --repeats 3 --warmup 1 --memory off \
+  --out "$OUT/sizes"
 if command -v compute-sanitizer > /dev/null; then
   stage sanitizer 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_kernels.py
 else
   echo "== sanitizer: compute-sanitizer not on PATH" | tee -a "$SUMMARY"
 fi
+
+stage tune 120 python3 scripts/bench_entropy.py "${CASE[@]}" --memory off --repeats 5 --warmup 1 --check-tokens 16 \
+  --impls ours_triton@128x128x64w8s3,ours_triton@128x256x64w8s3,ours_triton@64x256x64w8s3,ours_triton@128x128x64w4s4,ours_triton@256x128x64w8s3,ours_triton@128x128x128w8s2,ours_triton@128x128x64w8s4/128x256x64w8s3,ours_triton@+splits1+group1,ours_fused_loss@512,ours_fused_loss@2048 \
+  --out "$OUT/tune"
+
+stage tests 100 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
 
 echo
 echo "######## summary ($(( $(date +%s) - T0 ))s)"
@@ -77,4 +79,5 @@ cat "$SUMMARY"
 [[ -f "$OUT/probe.log" ]] && tail -n 4 "$OUT/probe.log"
 for f in "$OUT"/main/*.md "$OUT"/tune/*.md; do [[ -f $f ]] && sed -n '/^| impl | check/,/^$/p' "$f" | cut -c1-220; done
 [[ -f "$OUT/sizes/sizes.md" ]] && cat "$OUT/sizes/sizes.md"
+for f in "$OUT"/e2e/*.md; do [[ -f $f ]] && head -n 40 "$f"; done
 exit 0

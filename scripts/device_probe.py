@@ -35,6 +35,22 @@ def _events_median(fn, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def _copy_rate(dev) -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy."""
+    n_bytes = 2 * 2**30
+    src = torch.randn(n_bytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / _events_median(lambda: dst.copy_(src))
+
+
+def _mm_rate(dev, m: int, k: int, n: int) -> float:
+    """FLOP/s of a bf16 ``[m, k] @ [k, n]`` on random data (the weight stored ``[n, k]``, as an LM head's)."""
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    c = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+    return 2 * m * k * n / _events_median(lambda: torch.mm(a, b.t(), out=c))
+
+
 def measure() -> dict:
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -60,24 +76,10 @@ def measure() -> dict:
              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
     except Exception as exc:  # noqa: BLE001
         out["nvidia_smi"] = f"unavailable: {exc}"
-    n_bytes = 2 * 2**30
-    src = torch.randn(n_bytes // 4, device=dev)
-    dst = torch.empty_like(src)
-    t = _events_median(lambda: dst.copy_(src))
-    out["copy_bytes_per_s"] = 2 * n_bytes / t
-    del src, dst
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    c = torch.empty(8192, 8192, device=dev, dtype=torch.bfloat16)
-    t = _events_median(lambda: torch.mm(a, b, out=c))
-    out["bf16_mm_8192_flops_per_s"] = 2 * 8192**3 / t
-    del a, b, c
-    h = torch.randn(16384, 4096, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(32768, 4096, device=dev, dtype=torch.bfloat16)
-    z = torch.empty(16384, 32768, device=dev, dtype=torch.bfloat16)
-    t = _events_median(lambda: torch.mm(h, w.t(), out=z))
-    out["bf16_mm_head_flops_per_s"] = 2 * 16384 * 4096 * 32768 / t
-    del h, w, z
+    out["copy_bytes_per_s"] = _copy_rate(dev)
+    out["bf16_mm_8192_flops_per_s"] = _mm_rate(dev, 8192, 8192, 8192)
+    out["bf16_mm_head_flops_per_s"] = _mm_rate(dev, 16384, 4096, 32768)
+    torch.cuda.empty_cache()
     rate = out["bf16_mm_8192_flops_per_s"]
     ndv = 16384 * 4096 * 151936
     out["issue7_floors_ms"] = {f"{k}NdV": 1e3 * k * ndv / rate for k in (2, 6, 8)}
