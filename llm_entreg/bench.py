@@ -9,8 +9,9 @@ Every implementation runs in ONE process on the SAME inputs, so the ratios print
   vocabulary tile sizes of :func:`llm_entreg.ops.chunked.chunked_linear_token_stats`;
 - ``ours_triton``: ``backend="triton"`` (CUDA only; under ``TRITON_INTERPRET=1`` on the CPU it is far too slow to time);
   ``ours_triton@FWD`` or ``ours_triton@FWD/DZ`` forces the kernels' launch configurations (``128x128x64w8s3``: see
-  :class:`llm_entreg.ops.triton_linear.KernelConfig`), ``+splitsN`` / ``+groupN`` the forward's ``MIN_SPLITS`` and
-  the dz kernel's ``DZ_GROUP`` (e.g. ``ours_triton@+splits1+group1``: the launch order of version 1);
+  :class:`llm_entreg.ops.triton_linear.KernelConfig`), ``+splitsN`` / ``+groupN`` / ``+tokenfirst`` the forward's
+  ``MIN_SPLITS``, the dz kernel's ``DZ_GROUP`` and the forward's token-block-fastest order (version 1's launch order
+  is ``ours_triton@+splits1+group1000000+tokenfirst``: a group larger than the token blocks is token block fastest);
 - ``ours_fused_loss``: the loss-fused path (:func:`llm_entreg.ops.fused_linear_loss`, 6NdV) on the same per-token loss
   ``sum g_lp logp + g_H H`` written as its closed-form ``loss_fn``; ``ours_fused_loss@MIB`` sets its chunk budget,
   ``ours_fused_loss_chunked`` forces its torch backend (the default is Triton on CUDA);
@@ -166,7 +167,8 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
             return None, f"llm_entreg.ops.triton_linear not importable: {exc}"
 
         fwd_cfg = dz_cfg = None
-        knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP}
+        knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP,
+                 "SPLIT_FASTEST": triton_linear.SPLIT_FASTEST}
         defaults = dict(knobs)
         if param:
             cfg_part, *extra = param.split("+")
@@ -178,10 +180,13 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
                     fwd_cfg = triton_linear.KernelConfig.parse(parts[0])
                     dz_cfg = triton_linear.KernelConfig.parse(parts[-1])
                 for knob in extra:
+                    if knob == "tokenfirst":
+                        knobs["SPLIT_FASTEST"] = False
+                        continue
                     name = "MIN_SPLITS" if knob.startswith("splits") else "DZ_GROUP" if knob.startswith("group") else None
                     value = knob.removeprefix("splits").removeprefix("group")
                     if name is None or not value.isdigit() or int(value) < 1:
-                        raise ValueError(f"unknown knob {knob!r} (splitsN or groupN, N >= 1)")
+                        raise ValueError(f"unknown knob {knob!r} (splitsN, groupN with N >= 1, or tokenfirst)")
                     knobs[name] = int(value)
             except ValueError as exc:
                 raise ValueError(f"--impls: {spec!r}: {exc}") from None

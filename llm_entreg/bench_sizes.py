@@ -61,14 +61,21 @@ def run_sizes(args: argparse.Namespace, log=print) -> dict:
                     "reason": res.get("reason") or (res.get("fwdbwd") or {}).get("error"),
                 }
             points.append(point)
+            _write(args, points, out, final=False)  # a run cut short keeps every finished point
             log(f"V={vocab} N={n}: " + ", ".join(
                 f"{s} {bench._fmt(v['fwdbwd_ms'], ',.1f')} ms" for s, v in point["impls"].items()))
+    return _write(args, points, out, final=True)
+
+
+def _write(args: argparse.Namespace, points: list, out: Path, final: bool) -> dict:
+    """``sizes.json`` and ``sizes.md`` (after every point), and the plot (at the end)."""
     report = {"config": {k: v for k, v in vars(args).items()}, "device": bench._device_info(
         bench.torch.device(args.device or ("cuda" if bench.torch.cuda.is_available() else "cpu"))),
-        "meta": bench._versions(), "points": points}
+        "meta": bench._versions(), "points": points, "complete": final}
     (out / "sizes.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "sizes.md").write_text(render(report))
-    plot(report, out / "sizes.png")
+    if final:
+        plot(report, out / "sizes.png")
     return report
 
 

@@ -335,7 +335,7 @@ def fused_linear_loss(
     if backend == "auto":
         from . import triton_available
 
-        backend = "triton" if hidden.is_cuda and triton_available() else "chunked"
+        backend = "triton" if hidden.is_cuda and triton_available() and compute_dtype != torch.float64 else "chunked"
     if backend == "triton":
         from . import triton_available
 

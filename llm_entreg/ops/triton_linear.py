@@ -45,12 +45,14 @@ BLOCK_D = 64
 #: Upper bound on the backward's ``dz`` buffer (token chunk x vocabulary chunk, in the compute dtype).
 DZ_BUFFER_BYTES = 192 * 2**20
 #: Upper bound on an fp32 gradient accumulator: ``grad_hidden`` of one token chunk (``[token_chunk, d]``), or
-#: ``grad_weight`` (``[V, d]``) when the tokens need several chunks and it fits. Peak extra memory of the backward is
-#: about ``DZ_BUFFER_BYTES + ACC_BYTES`` (448 MiB) beyond the inputs and their gradients.
+#: ``grad_weight`` (``[V, d]``) when the tokens need several chunks and it fits beside the first. Peak extra memory of
+#: the backward is about ``DZ_BUFFER_BYTES + ACC_BYTES`` (448 MiB) beyond the inputs and their gradients.
 ACC_BYTES = 256 * 2**20
 #: Fewest vocabulary splits of the forward on CUDA, and token blocks per group of the dz kernel's launch order.
 MIN_SPLITS = 16
 DZ_GROUP = 8
+#: Forward launch order: split index fastest (True) or token block fastest (False, version 1's order).
+SPLIT_FASTEST = True
 #: Smallest token chunk, and the vocabulary chunk's multiple.
 MIN_TOKEN_CHUNK = 256
 VOCAB_ALIGN = 256
@@ -220,6 +222,7 @@ def _linear_fwd_kernel(
     PRECISION: tl.constexpr,
     INTERPRETER: tl.constexpr,
     EVEN_D: tl.constexpr,
+    SPLIT_FASTEST: tl.constexpr,
     WANT_MEAN: tl.constexpr,
     WANT_TOP1: tl.constexpr,
     WANT_LSSP: tl.constexpr,
@@ -230,8 +233,13 @@ def _linear_fwd_kernel(
     # 1-D grid, the split index fastest: the programs resident at one time cover few token blocks and many vocabulary
     # splits, so their hidden rows stay in L2 (token blocks fastest would put every token block's rows in flight).
     pid = tl.program_id(0)
-    split = pid % SPLITS
-    pid_n = pid // SPLITS
+    if SPLIT_FASTEST:
+        split = pid % SPLITS
+        pid_n = pid // SPLITS
+    else:  # token block fastest (version 1's order; kept to measure what the order buys)
+        n_tb = tl.cdiv(N, BLOCK_N)
+        pid_n = pid % n_tb
+        split = pid // n_tb
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(targets_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
@@ -411,6 +419,7 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
         PRECISION=_precision(compute_dtype),
         INTERPRETER=not h.is_cuda,
         EVEN_D=d % cfg.block_d == 0,
+        SPLIT_FASTEST=SPLIT_FASTEST,
         WANT_MEAN=want_mean,
         WANT_TOP1=want_top1,
         WANT_LSSP=want_lssp,
@@ -479,6 +488,8 @@ def backward_plan(n: int, v: int, d: int, elem: int, need_h: bool, fp32_hidden_g
     if need_h and not fp32_hidden_grad:
         tc = min(n, max(MIN_TOKEN_CHUNK, ACC_BYTES // (4 * d)))
     vc = dz_elems // tc // VOCAB_ALIGN * VOCAB_ALIGN
+    if vc >= v:  # the whole vocabulary in one chunk: grad_hidden needs no accumulator, so take more tokens
+        return min(n, max(tc, dz_elems // v)), v
     if vc < VOCAB_ALIGN:  # too many tokens for even one aligned vocabulary chunk: fewer tokens per chunk
         vc = VOCAB_ALIGN
         tc = max(1, min(tc, dz_elems // vc))
@@ -569,7 +580,9 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
         gw = torch.empty_like(weight)
         # Several token chunks: accumulate grad_weight in fp32 when that fits, else in place in its own dtype
         # (one rounding per token chunk, as a bf16 GEMM with beta = 1 does).
-        if n_tok_chunks > 1 and weight.dtype != torch.float32 and v * d * 4 <= ACC_BYTES:
+        # The two fp32 accumulators share ACC_BYTES, so the extra memory stays <= DZ_BUFFER_BYTES + ACC_BYTES.
+        acc_left = ACC_BYTES - (0 if gh_acc is None else gh_acc.numel() * 4)
+        if n_tok_chunks > 1 and weight.dtype != torch.float32 and v * d * 4 <= acc_left:
             gw_acc = torch.zeros(v, d, device=dev, dtype=torch.float32)
     if need_b:
         gb = torch.zeros(v, device=dev, dtype=torch.float32)

@@ -373,6 +373,9 @@ def test_backward_plan_at_the_issue_size():
     assert tc2 == 65536 and tc2 * vc2 * 2 <= triton_linear.DZ_BUFFER_BYTES
     # small problems: one chunk
     assert triton_linear.backward_plan(37, 301, 24, 2, True, False) == (37, 301)
+    # a small vocabulary fits one chunk: grad_hidden needs no accumulator, so the token chunk is not capped by it
+    tc3, vc3 = triton_linear.backward_plan(10**6, 301, 4096, 2, True, False)
+    assert vc3 == 301 and tc3 == triton_linear.DZ_BUFFER_BYTES // 2 // 301
 
 
 def test_kernel_config_parse_override_and_env(monkeypatch):
@@ -400,10 +403,13 @@ def test_kernel_config_parse_override_and_env(monkeypatch):
 
 
 @needs_kernels
-def test_linear_kernels_with_a_forced_config(monkeypatch):
-    """A config other than the default (different tiles for the two kernels, d not a multiple of BLOCK_D), and the
-    dz kernel's grouped launch order with several groups, the last one ragged (3 token blocks, groups of 2)."""
+@pytest.mark.parametrize("split_fastest", [True, False])
+def test_linear_kernels_with_a_forced_config(monkeypatch, split_fastest):
+    """A config other than the default (different tiles for the two kernels, d not a multiple of BLOCK_D), the
+    dz kernel's grouped launch order with several groups, the last one ragged (3 token blocks, groups of 2), and
+    both launch orders of the forward."""
     monkeypatch.setattr(triton_linear, "DZ_GROUP", 2)
+    monkeypatch.setattr(triton_linear, "SPLIT_FASTEST", split_fastest)
     gen = torch.Generator().manual_seed(61)
     hidden, weight, bias, targets = _linear_inputs(gen, torch.float32, "finite", n=40, d=40, n_vocab=150)
     hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))

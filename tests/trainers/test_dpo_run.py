@@ -26,8 +26,11 @@ def _recipe(tmp_path, *overrides):
 
 def test_bonus_keeps_held_out_entropy_higher_and_run_writes_its_record(tmp_path):
     base = ["max_steps=24", "learning_rate=3e-4", "per_device_train_batch_size=16"]
+    # beta = 2: at 0.5 the held-out entropy gain (+0.00 to +0.05 nats over 24 steps) is within the run-to-run
+    # spread across CPUs (float trajectories differ between machines); at 2 it was +0.10 on the machine where 0.5
+    # gave -0.01 (2026-11-29), and 1.0 gave +0.045.
     plain = run(_recipe(tmp_path / "b0", *base, "entropy_coef=0"), log=lambda *a: None)
-    bonus = run(_recipe(tmp_path / "b1", *base, "entropy_coef=0.5"), log=lambda *a: None)
+    bonus = run(_recipe(tmp_path / "b1", *base, "entropy_coef=2.0"), log=lambda *a: None)
     # Same seed, data order and starting point: only the bonus differs
     assert plain["held_out_before"] == bonus["held_out_before"]
     h0, h1 = plain["held_out_after"]["ref_entropy"], bonus["held_out_after"]["ref_entropy"]
@@ -40,7 +43,7 @@ def test_bonus_keeps_held_out_entropy_higher_and_run_writes_its_record(tmp_path)
     out = tmp_path / "b1"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in lines if "loss" in r]
-    assert len(logged) == 24 and all(r["entropy_coef"] == 0.5 for r in logged)
+    assert len(logged) == 24 and all(r["entropy_coef"] == 2.0 for r in logged)
     assert {"entropy", "entropy/chosen", "entropy/rejected", "entropy_bonus"} <= logged[0].keys()
     assert (out / "curves.png").stat().st_size > 10_000
     assert json.loads((out / "summary.json").read_text())["steps"] == 24
