@@ -14,6 +14,7 @@ Configurations (``--configs``, a comma list; ``NAME@BACKEND`` sets our fused-hea
 - ``dpo_trl_plain``: ``trl.DPOTrainer`` whose ``add_fused_lm_head`` call installs a *materialising* head instead
   (our ``torch`` reference backend: the ``[tokens, V]`` logits, softmax and log-softmax are held in float32) — what
   a trainer without a fused head pays;
+- ``grpo_ours_fused``: ``grpo_ours`` with ``fused_loss=True`` (the loss's gradient formed in the head's forward);
 - ``grpo_ours`` / ``grpo_ours_b0`` / ``grpo_trl`` / ``grpo_trl_b0`` / ``grpo_trl_plain``: the same for
   :class:`~llm_entreg.trainers.EntropyGRPOTrainer` vs ``trl.GRPOTrainer`` (also always fused in TRL 1.16). TRL's GRPO
   has an entropy bonus of its own (``GRPOConfig.entropy_coef``); the ``grpo_trl*`` configurations set it to the same
@@ -124,6 +125,8 @@ class StepConfig:
     entropy_coef: float | None = None
     #: Our fused-head backend; None: ``--backend``. Only for ``impl == "ours"``.
     backend: str | None = None
+    #: GRPO only: ``EntropyGRPOConfig.fused_loss`` (the loss's gradient formed in the head's forward).
+    fused_loss: bool = False
     note: str = ""
 
 
@@ -136,13 +139,15 @@ BASE_CONFIGS = {
                                 note="trl.DPOTrainer, materialising head (float32 [tokens, V] logits)"),
     "grpo_ours": StepConfig("grpo_ours", "grpo", "ours", note="EntropyGRPOTrainer, our fused head"),
     "grpo_ours_b0": StepConfig("grpo_ours_b0", "grpo", "ours", entropy_coef=0.0, note="EntropyGRPOTrainer at β=0"),
+    "grpo_ours_fused": StepConfig("grpo_ours_fused", "grpo", "ours", fused_loss=True,
+                                  note="EntropyGRPOTrainer, fused_loss=True (loss gradient formed in the head)"),
     "grpo_trl": StepConfig("grpo_trl", "grpo", "trl",
                            note="trl.GRPOTrainer, TRL's fused head, TRL's own entropy_coef = β"),
     "grpo_trl_b0": StepConfig("grpo_trl_b0", "grpo", "trl", entropy_coef=0.0, note="trl.GRPOTrainer at β=0"),
     "grpo_trl_plain": StepConfig("grpo_trl_plain", "grpo", "trl_plain",
                                  note="trl.GRPOTrainer, materialising head, TRL's own entropy_coef = β"),
 }
-DEFAULT_CONFIGS = "dpo_ours,dpo_ours_b0,dpo_trl,dpo_trl_plain,grpo_ours,grpo_trl,grpo_trl_plain"
+DEFAULT_CONFIGS = "dpo_ours,dpo_ours_b0,dpo_trl,dpo_trl_plain,grpo_ours,grpo_ours_fused,grpo_trl,grpo_trl_plain"
 TINY_CONFIGS = DEFAULT_CONFIGS
 OUR_BACKENDS = ("auto", "chunked", "triton", "torch")
 
@@ -502,7 +507,8 @@ def _build_trainer(cfg: StepConfig, settings: dict, device: torch.device, tokeni
         entropy_coef=beta,  # ours: our regularizer's β; TRL's: TRL's own entropy bonus at the same β
     )
     if cfg.impl == "ours":
-        args, cls = EntropyGRPOConfig(**grpo, fused_head_backend=backend), EntropyGRPOTrainer
+        args = EntropyGRPOConfig(**grpo, fused_head_backend=backend, fused_loss=cfg.fused_loss)
+        cls = EntropyGRPOTrainer
     else:
         args, cls = GRPOConfig(**grpo), GRPOTrainer
     with plain_ctx:

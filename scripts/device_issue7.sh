@@ -46,7 +46,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used -
 
 CASE=(--n 16384 --d 4096 --vocab 151936 --dtype bf16)
 SIZES=(--ns 2048,16384,65536 --vocabs 128256,151936,262144 --d 4096 --dtype bf16)
-STEP=(--device cuda --configs dpo_ours,dpo_trl,grpo_ours,grpo_trl)
+STEP=(--device cuda --configs dpo_ours,dpo_trl,grpo_ours,grpo_ours_fused,grpo_trl)
 if [[ ${ISSUE7_DRY:-0} == 1 ]]; then
   CASE=(--n 48 --d 32 --vocab 1001 --dtype fp32 --device cpu --threads 1)
   SIZES=(--ns 32,64 --vocabs 301,1001 --d 16 --dtype fp32 --device cpu)

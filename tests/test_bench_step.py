@@ -17,7 +17,7 @@ import torch
 
 from llm_entreg import bench_step
 
-CONFIGS = ["dpo_ours", "dpo_ours_b0", "dpo_trl", "dpo_trl_plain", "grpo_ours", "grpo_trl"]
+CONFIGS = ["dpo_ours", "dpo_ours_b0", "dpo_trl", "dpo_trl_plain", "grpo_ours", "grpo_ours_fused", "grpo_trl"]
 
 
 def _run(argv):
@@ -46,7 +46,7 @@ def test_every_configuration_trains_and_is_measured(report):
     assert results["dpo_ours"]["head"] == "ours (chunked)" and results["dpo_trl"]["trainer"] == "DPOTrainer"
     assert results["dpo_ours"]["trainer"] == "EntropyDPOTrainer" and results["dpo_ours"]["entropy_coef"] == 0.01
     assert results["dpo_trl_plain"]["head"].startswith("materialising")
-    for name in ("grpo_ours", "grpo_trl"):
+    for name in ("grpo_ours", "grpo_ours_fused", "grpo_trl"):
         r = results[name]
         # the warm-up and the last timed step generate (num_iterations = steps); the loss step is the rest
         assert r["gen_score_warm"] and r["gen_score_s"] > 0 and r["loss_step_s"] > 0
@@ -68,6 +68,8 @@ def test_beta_zero_dpo_and_same_beta_grpo_match_trl(report):
     assert results["dpo_trl_plain"]["losses"] == pytest.approx(theirs["losses"], rel=1e-5, abs=1e-6)
     # GRPO: our regularizer at β and TRL's own bonus at β, on the same sampled completions
     assert results["grpo_ours"]["losses"] == pytest.approx(results["grpo_trl"]["losses"], rel=1e-5, abs=1e-6)
+    # ... and with the gradient formed in the head's forward (fused_loss=True): the same losses, step after step
+    assert results["grpo_ours_fused"]["losses"] == pytest.approx(results["grpo_trl"]["losses"], rel=1e-5, abs=1e-6)
     pairs = {(a["ours"], a["trl"]): a for a in report["comparisons"]["first_loss_agreement"]}
     assert pairs[("dpo_ours_b0", "dpo_trl")]["abs_diff"] < 1e-6
     assert pairs[("grpo_ours", "grpo_trl")]["max_abs_diff_all_steps"] < 1e-5

@@ -50,6 +50,11 @@ def install_fused_head(
     positions whose next-token label is not ``-100``, and a ``FusedCausalLMOutput`` is returned, every per-token
     field zero where the label is ``-100``. Install before wrapping the model with PEFT.
 
+    ``fused_loss_fn=`` (an extension, not in TRL's contract): a per-token loss ``(logprobs [n], entropy [n],
+    rows [n]) -> [n]`` of the labelled positions, ``rows`` indexing the flattened ``[B, L-1]`` shifted-label grid.
+    The head then runs :func:`llm_entreg.ops.fused_linear_loss` (the gradient is formed in the forward, 6NdV), the
+    output's ``loss`` is the summed per-token loss, and ``log_probs``/``entropy`` are detached statistics.
+
     Args:
         model: a causal LM (``PreTrainedModel``) with ``get_output_embeddings()``.
         temperature: the logits are divided by it (after the model's own logit scale).
@@ -61,7 +66,7 @@ def install_fused_head(
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from . import linear_token_stats
+    from . import fused_linear_loss, linear_token_stats
 
     unknown = [o for o in outputs if o not in _OUTPUT_FIELDS]
     if unknown:
@@ -80,7 +85,8 @@ def install_fused_head(
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
-    def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+    def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                      fused_loss_fn=None, **kw):
         if not fused_lm_head:
             for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
@@ -114,16 +120,28 @@ def install_fused_head(
                 bias_in = None if bias is None else bias.float()
             else:
                 weight_in, bias_in = weight, bias
-            stats = linear_token_stats(
-                hidden.reshape(-1, hidden.shape[-1]),
-                weight_in,
-                labels.reshape(-1),
-                bias=bias_in,
-                temperature=effective_temperature,
-                ignore_index=-100,
-                backend=backend,
-                extras=extras,
-            )
+            if fused_loss_fn is None:
+                stats = linear_token_stats(
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    weight_in,
+                    labels.reshape(-1),
+                    bias=bias_in,
+                    temperature=effective_temperature,
+                    ignore_index=-100,
+                    backend=backend,
+                    extras=extras,
+                )
+            else:  # the loss-fused path: the loss's gradient is formed in this forward (ops/fused_loss.py)
+                fused_loss, stats = fused_linear_loss(
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    weight_in,
+                    labels.reshape(-1),
+                    fused_loss_fn,
+                    bias=bias_in,
+                    temperature=effective_temperature,
+                    ignore_index=-100,
+                    backend=backend,
+                )
         per_token = {
             "log_probs": stats.logprobs.view(mask.shape),
             "entropy": stats.entropy.view(mask.shape) if "entropy" in outputs else None,
@@ -133,8 +151,11 @@ def install_fused_head(
             "log_sum_sq_probs": None if stats.log_sum_sq_probs is None else stats.log_sum_sq_probs.view(mask.shape),
         }
         log_probs = per_token["log_probs"]
-        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = -log_probs.sum() / denom
+        if fused_loss_fn is None:
+            denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+            loss = -log_probs.sum() / denom
+        else:
+            loss = fused_loss
         aux_loss = None
         if kw.get("output_router_logits"):
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

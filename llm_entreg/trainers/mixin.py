@@ -301,6 +301,13 @@ class EntropyRegularizationMixin:
     # ------------------------------------------------------------------ the loss term
     def _entropy_loss(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """The term to add to the loss for this micro-batch (already scaled for the framework's reductions)."""
+        term, scale, parts = self._entropy_term(entropy, mask, mode)
+        self._entropy_metrics(entropy, mask, mode, term, parts)
+        return term * scale
+
+    def _entropy_term(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str):
+        """``(term, scale, parts)``: the unscaled ``-coef * agg(H)`` of this micro-batch, the framework scale, and
+        what :meth:`_entropy_metrics` needs (coefficient, aggregation kwargs, quantile threshold). Logs nothing."""
         coef = self.entropy_coefficient.value
         mask = mask.bool()
         agg_kwargs, scale = self._global_aggregation(
@@ -312,7 +319,12 @@ class EntropyRegularizationMixin:
         if self.entropy_bonus.top_entropy_quantile < 1.0:  # one threshold over every rank's tokens, as TRL's GRPO
             threshold = global_entropy_quantile_threshold(entropy, mask, self.entropy_bonus.top_entropy_quantile)
         term = self.entropy_bonus.loss_term(entropy, mask, coef, threshold=threshold, **agg_kwargs)
-        # Metrics: the unscaled value of beta * agg(H), and the measured entropy for the controllers
+        return term, scale, (coef, agg_kwargs, threshold)
+
+    def _entropy_metrics(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str, term: torch.Tensor, parts):
+        """Log the unscaled value of ``beta * agg(H)`` and accumulate the measured entropy for the controllers."""
+        coef, agg_kwargs, threshold = parts
+        mask = mask.bool()
         with torch.no_grad():
             h_sum = (entropy.detach().float() * mask).sum()
             n_tok = mask.sum()
@@ -328,7 +340,6 @@ class EntropyRegularizationMixin:
                     k: v for k, v in agg_kwargs.items() if k == "max_len"})
                 bonus = self.accelerator.gather_for_metrics(local_bonus.reshape(1)).mean()
         self._entropy_record(h_sum, n_tok, coef, bonus.item(), mode)
-        return term * scale
 
     def _entropy_measure_only(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
         """Entropy in the reward: no loss term, but the controllers still step on the measured entropy, and the

@@ -134,3 +134,82 @@ def test_entropy_in_the_reward_is_alpha_times_the_sequence_entropy(default, tmp_
     trainer.current_gradient_accumulation_steps = 1
     trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert trainer._metrics["train"]["rewards/entropy_reward/mean"][-1] > 0
+
+
+def _generation_batch(trainer):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batches = iter(trainer.get_train_dataloader())
+    for _ in range(10):  # a generation batch whose groups do not all share one reward (else no policy gradient)
+        inputs = trainer._prepare_inputs(next(batches))
+        if inputs["advantages"].abs().sum() > 0:
+            return inputs
+    raise AssertionError("no generation batch with a non-zero advantage")
+
+
+@pytest.mark.parametrize("loss_type, coef, extra", [
+    ("dapo", 0.0, {}),
+    ("dapo", 0.3, {}),
+    ("grpo", 0.3, {"delta": 1.5}),
+    ("bnpo", 0.3, {"use_bias_correction_kl": True}),
+    ("dr_grpo", 0.3, {"entropy_loss_agg_mode": "seq-mean-token-mean"}),
+])
+def test_fused_loss_matches_trl_loss_gradients_and_metrics(default, tmp_path, loss_type, coef, extra):
+    """fused_loss=True (gradient formed in the head's forward) = TRL's GRPO loss + our bonus: same loss, same
+    parameter gradients, same logged metrics, for every supported loss type (KL beta 0.04 on)."""
+    model = default.load_model()
+    ours_extra = {k: v for k, v in extra.items() if k.startswith("entropy_")}
+    trl_extra = {k: v for k, v in extra.items() if not k.startswith("entropy_")}
+    plain = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "p", loss_type=loss_type,
+                     entropy_coef=coef, **extra)
+    fused = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "f", loss_type=loss_type,
+                     entropy_coef=coef, fused_loss=True, **extra)
+    inputs = _generation_batch(plain)
+    plain._metrics["train"].clear()  # keep only what the loss computation logs
+    loss_p, grads_p = _loss_and_grads(plain, inputs)
+    loss_f, grads_f = _loss_and_grads(fused, inputs)
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-6, rtol=1e-5)
+    assert grads_f.keys() == grads_p.keys()
+    assert {"kl", "entropy", "entropy_coef", "entropy_bonus"} <= plain._metrics["train"].keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert any(g.abs().max() > 0 for g in grads_p.values())
+    for key, values in plain._metrics["train"].items():
+        assert key in fused._metrics["train"], key
+        torch.testing.assert_close(torch.tensor(fused._metrics["train"][key][-1]), torch.tensor(values[-1]),
+                                   atol=1e-6, rtol=1e-5, msg=key)
+    if coef == 0.0 and not ours_extra:  # and at beta = 0, TRL's own trainer
+        theirs = _trainer(GRPOTrainer, GRPOConfig, model, default, tmp_path / "t", loss_type=loss_type, **trl_extra)
+        loss_t, grads_t = _loss_and_grads(theirs, inputs)
+        torch.testing.assert_close(loss_f, loss_t, atol=1e-6, rtol=1e-5)
+        for name in grads_t:
+            torch.testing.assert_close(grads_f[name], grads_t[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fused_loss_with_old_logprobs_and_reward_level_entropy(default, tmp_path):
+    """num_iterations = 2 brings old per-token log-probs into the ratio; the entropy in the reward leaves the loss
+    without an entropy term. Both paths agree."""
+    model = default.load_model()
+    kw = dict(num_iterations=2, entropy_coef=0.2, entropy_level="reward")
+    plain = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "p", **kw)
+    fused = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "f", fused_loss=True, **kw)
+    inputs = _generation_batch(plain)
+    assert inputs.get("old_per_token_logps") is not None
+    inputs = dict(inputs, old_per_token_logps=inputs["old_per_token_logps"] - 0.05)  # ratios away from 1: clipping
+    loss_p, grads_p = _loss_and_grads(plain, inputs)
+    loss_f, grads_f = _loss_and_grads(fused, inputs)
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-6, rtol=1e-5)
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("loss_type", "cispo"),
+    ("importance_sampling_level", "sequence"),
+    ("top_entropy_quantile", 0.5),
+    ("entropy_bonus_top_quantile", 0.5),
+    ("off_policy_mask_threshold", 0.5),
+])
+def test_fused_loss_refuses_what_it_does_not_support(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"^{field}: fused_loss=True supports only"):
+        EntropyGRPOConfig(**_common(tmp_path, fused_loss=True, **{field: value}))
