@@ -151,7 +151,7 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self._check_value_model(value_model)
         lr = config.vf_learning_rate or config.learning_rate
         self.value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=lr, weight_decay=config.weight_decay)
-        self.value_model = self.accelerator.prepare_model(value_model)
+        self.value_model = self._prepare_value_model(value_model)
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
             if config.target_kl is not None
@@ -301,12 +301,24 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self.value_optimizer.step()
         self.value_optimizer.zero_grad(set_to_none=True)
 
+    def _prepare_value_model(self, value_model: nn.Module) -> nn.Module:
+        """The critic as this run's accelerator wants it: DDP-wrapped under MULTI_GPU / MULTI_CPU, as is under
+        DeepSpeed; under FSDP (whose ``prepare_model`` refuses a model outside ``accelerate.prepare()``) a plain
+        replicated module on the device. Where it is not wrapped, :meth:`_average_value_grads` all-reduces its
+        gradients."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return value_model.to(self.accelerator.device)
+        return self.accelerator.prepare_model(value_model)
+
     def _average_value_grads(self) -> None:
         """Average the critic's gradients over the data-parallel ranks where nothing else does.
 
         ``accelerator.prepare_model`` wraps the critic in DDP only for MULTI_GPU / MULTI_CPU; under DeepSpeed it comes
-        back unwrapped, so without this each rank would step its own critic on ``W x`` its local share of the
-        (globally normalized) value loss and the critics would drift apart.
+        back unwrapped, and under FSDP it is not prepared at all (:meth:`_prepare_value_model`), so without this each
+        rank would step its own critic on ``W x`` its local share of the (globally normalized) value loss and the
+        critics would drift apart.
         """
         if self.accelerator.num_processes == 1 or isinstance(self.value_model, nn.parallel.DistributedDataParallel):
             return

@@ -163,3 +163,20 @@ def test_controller_moves_with_entropy_in_the_reward(default, tmp_path):
     assert trainer.entropy_coefficient.coef == pytest.approx(0.05)  # below a 5-nat target: +0.01 per step
     coefs = [r["entropy_coef"] for r in trainer.state.log_history if "entropy_coef" in r]
     assert coefs[0] == 0.0 and coefs[-1] == pytest.approx(0.04)
+
+
+def test_critic_is_prepared_per_distributed_type(default, tmp_path, monkeypatch):
+    """Under FSDP the critic is not handed to accelerate.prepare_model (FSDP2 refuses a model outside
+    accelerate.prepare()): it stays a plain module on the device, and its gradients are all-reduced by the trainer.
+    Elsewhere prepare_model wraps it. (FSDP itself cannot run on a CPU: only the branch is checked here.)"""
+    from accelerate.utils import DistributedType
+
+    trainer = _trainer(default, tmp_path)
+    critic = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.value_model))
+    prepared = []
+    monkeypatch.setattr(trainer.accelerator, "prepare_model", lambda m, *a, **k: prepared.append(m) or m)
+    assert trainer._prepare_value_model(critic) is critic and prepared == [critic]
+    monkeypatch.setattr(type(trainer.accelerator), "distributed_type", property(lambda self: DistributedType.FSDP))
+    prepared.clear()
+    out = trainer._prepare_value_model(critic)
+    assert out is critic and prepared == [] and next(out.parameters()).device == trainer.accelerator.device
