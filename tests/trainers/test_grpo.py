@@ -213,3 +213,31 @@ def test_fused_loss_with_old_logprobs_and_reward_level_entropy(default, tmp_path
 def test_fused_loss_refuses_what_it_does_not_support(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"^{field}: fused_loss=True supports only"):
         EntropyGRPOConfig(**_common(tmp_path, fused_loss=True, **{field: value}))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_fused_loss_with_gradient_accumulation_and_in_eval(default, tmp_path, loss_type):
+    """GA = 2 (the normalizers and the global entropy counts depend on it) and eval mode (no accumulation, no
+    gradient): the fused path gives the default path's loss (and gradients)."""
+    model = default.load_model()
+    kw = dict(loss_type=loss_type, entropy_coef=0.3, gradient_accumulation_steps=2)
+    plain = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "p", **kw)
+    fused = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "f", fused_loss=True, **kw)
+    inputs = _generation_batch(plain)
+    results = []
+    for trainer in (plain, fused):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer.current_gradient_accumulation_steps = 2
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        trainer.model.eval()
+        with torch.no_grad():
+            eval_loss = trainer.compute_loss(trainer.model, inputs)
+        results.append((loss.detach(), grads, eval_loss))
+    (lp, gp, ep), (lf, gf, ef) = results
+    torch.testing.assert_close(lf, lp, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ef, ep, atol=1e-6, rtol=1e-5)
+    for name in gp:
+        torch.testing.assert_close(gf[name], gp[name], atol=1e-6, rtol=1e-4, msg=name)
