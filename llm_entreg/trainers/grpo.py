@@ -22,20 +22,9 @@ FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 @dataclass
-class EntropyGRPOConfig(EntropyRegularizationArguments, GRPOConfig):
-    """``trl.GRPOConfig`` whose entropy fields are ours (see :class:`EntropyRegularizationArguments`).
+class FusedLossArguments:
+    """``fused_loss``: the policy loss's gradient formed inside the LM head's forward (GRPO and PPO configs)."""
 
-    ``entropy_coef``, ``entropy_target``, ``entropy_coef_min/max/delta`` keep TRL's names but drive our
-    regularizers; TRL's ``use_adaptive_entropy`` is replaced by ``entropy_controller="target_entropy"``.
-    ``top_entropy_quantile`` keeps TRL's meaning (which tokens the *policy* loss uses, "80/20"); the bonus has its
-    own ``entropy_bonus_top_quantile``. ``entropy_level="reward"`` adds ``α · Σ_t H_t`` of each completion to its
-    reward before the group normalization (:class:`EntropyReward`).
-    """
-
-    use_adaptive_entropy: bool = field(
-        default=False,
-        metadata={"help": "Not used: set entropy_controller='target_entropy' (Skywork-OR1) instead."},
-    )
     fused_loss: bool = field(
         default=False,
         metadata={
@@ -47,18 +36,10 @@ class EntropyGRPOConfig(EntropyRegularizationArguments, GRPOConfig):
         },
     )
 
-    def __post_init__(self):
-        if self.use_adaptive_entropy:
-            raise ValueError(
-                "use_adaptive_entropy: TRL's own controller is replaced here; set entropy_controller='target_entropy' "
-                "(same entropy_target / entropy_coef_delta / entropy_coef_min / entropy_coef_max fields)"
-            )
-        super().__post_init__()
-        self.validate_entropy_arguments()
-        if self.fused_loss:
-            self._check_fused_loss_supported()
-
-    def _check_fused_loss_supported(self) -> None:
+    def check_fused_loss_supported(self) -> None:
+        """Raise ``ValueError`` naming the first setting that ``fused_loss=True`` does not support."""
+        if not self.fused_loss:
+            return
         unsupported = {
             "loss_type": (self.loss_type not in FUSED_LOSS_TYPES, f"one of {FUSED_LOSS_TYPES}"),
             "importance_sampling_level": (self.importance_sampling_level != "token", "'token'"),
@@ -72,6 +53,32 @@ class EntropyGRPOConfig(EntropyRegularizationArguments, GRPOConfig):
             if bad:
                 raise ValueError(f"{name}: fused_loss=True supports only {wanted}, got {getattr(self, name)!r} "
                                  "(set fused_loss=False for the general path)")
+
+
+@dataclass
+class EntropyGRPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
+    """``trl.GRPOConfig`` whose entropy fields are ours (see :class:`EntropyRegularizationArguments`).
+
+    ``entropy_coef``, ``entropy_target``, ``entropy_coef_min/max/delta`` keep TRL's names but drive our
+    regularizers; TRL's ``use_adaptive_entropy`` is replaced by ``entropy_controller="target_entropy"``.
+    ``top_entropy_quantile`` keeps TRL's meaning (which tokens the *policy* loss uses, "80/20"); the bonus has its
+    own ``entropy_bonus_top_quantile``. ``entropy_level="reward"`` adds ``α · Σ_t H_t`` of each completion to its
+    reward before the group normalization (:class:`EntropyReward`).
+    """
+
+    use_adaptive_entropy: bool = field(
+        default=False,
+        metadata={"help": "Not used: set entropy_controller='target_entropy' (Skywork-OR1) instead."},
+    )
+    def __post_init__(self):
+        if self.use_adaptive_entropy:
+            raise ValueError(
+                "use_adaptive_entropy: TRL's own controller is replaced here; set entropy_controller='target_entropy' "
+                "(same entropy_target / entropy_coef_delta / entropy_coef_min / entropy_coef_max fields)"
+            )
+        super().__post_init__()
+        self.validate_entropy_arguments()
+        self.check_fused_loss_supported()
 
 
 class EntropyReward:
@@ -179,109 +186,117 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------ the loss-fused path (fused_loss=True)
     def _fused_compute_loss(self, model, inputs):
-        """TRL's GRPO loss + our entropy term, with the gradient formed inside the LM head's forward.
-
-        The per-token loss is written as a closed-form function of each completion token's log-prob ``lp`` and
-        entropy ``H`` with per-token constants (advantage, old and reference log-probs, mask, the loss type's
-        normalizer, the entropy term's aggregation weight), and handed to the fused head as ``fused_loss_fn``.
-        TRL's metrics are then logged by TRL's own ``_compute_loss`` run on the detached statistics.
-        """
-        if self.aux_loss_enabled or any(inputs.get(k) is not None for k in ("pixel_values", "token_type_ids")):
-            raise ValueError("fused_loss: MoE router aux loss and multimodal inputs are not supported; "
-                             "set fused_loss=False")
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        b, k = completion_ids.shape
-        mode = "train" if self.model.training else "eval"
-        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        """TRL's GRPO loss + our entropy term, with the gradient formed inside the LM head's forward."""
         mask = self._completion_loss_mask(inputs)
-        m = mask.float()
+        mode = "train" if self.model.training else "eval"
         if mode == "train":
             self._generation_window_counts(inputs, mask)
-
-        # the loss type's weight per token (TRL's normalizations, including the division by GA)
-        if self.loss_type == "grpo":
-            w = m / (m.sum(-1, keepdim=True).clamp(min=1.0) * b * ga)
-        elif self.loss_type == "bnpo":
-            w = m / (m.sum().clamp(min=1.0) * ga)
-        elif self.loss_type == "dr_grpo":
-            w = m / (b * self.max_completion_length * ga)
-        else:  # dapo
-            norm = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                norm = norm * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            w = m / norm
-        # the entropy term's weight per token: it is linear in H, so its gradient w.r.t. a dummy H
-        entropy_on = self.entropy_bonus.entropy_level != "reward"
-        ew = torch.zeros_like(m)
-        if entropy_on:
-            dummy = torch.zeros_like(m, requires_grad=True)
-            with torch.enable_grad():
-                term, scale, parts = self._entropy_term(dummy, mask, mode)
-                if term.requires_grad:
-                    ew = torch.autograd.grad(term * scale, dummy)[0].detach()
-
-        advantages = inputs["advantages"]
-        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        old = inputs.get("old_per_token_logps")
-        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
-        length = input_ids.shape[1] - 1  # the fused head scores the shifted labels [B, L-1]
-
-        def grid(x):  # a [B, K] completion tensor on the [B, L-1] grid, flattened (prompt positions never read)
-            full = torch.zeros(b, length, dtype=torch.float32, device=x.device)
-            full[:, -k:] = x.float()
-            return full.reshape(-1)
-
-        g_w, g_ew, g_m = grid(w), grid(ew), grid(m)
-        g_adv = grid(advantages.expand(b, k))
-        g_old = None if old is None else grid(old)
-        g_ref = None if ref is None else grid(ref)
-        eps_low, eps_high, delta, beta = self.epsilon_low, self.epsilon_high, self.args.delta, self.beta
-        bias_kl = self.args.use_bias_correction_kl
-
-        def loss_fn(lp, ent, rows):
-            on = g_m[rows] != 0
-            zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-            old_r = lp.detach() if g_old is None else g_old[rows].to(lp.dtype)
-            log_ratio = torch.where(on, lp - old_r, zero)
-            coef_1 = torch.exp(log_ratio)
-            coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-            if delta is not None:
-                coef_1 = torch.clamp(coef_1, max=delta)
-            adv = g_adv[rows].to(lp.dtype)
-            per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-            if g_ref is not None:
-                d = torch.where(on, g_ref[rows].to(lp.dtype) - lp, zero)
-                kl = torch.exp(d) - d - 1
-                if bias_kl:
-                    kl = kl * torch.exp(log_ratio)
-                per_token = per_token + beta * kl
-            per_token = torch.where(on, per_token, zero)
-            return per_token * g_w[rows].to(lp.dtype) + g_ew[rows].to(lp.dtype) * ent
-
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, :-k] = -100
-        with self.accelerator.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                        fused_loss_fn=loss_fn)
-        loss = out.loss
-        lp_det, ent_det = out.log_probs[:, -k:], out.entropy[:, -k:]
-        self._entropy_check_finite(loss, ent_det, mask)
-
-        # TRL's metrics (KL, clip ratios, entropy) from TRL's own code, on the detached statistics
-        def stats(*args, **kwargs):
-            return lp_det, ent_det, None
-
-        self._get_per_token_logps_and_entropies = stats
-        try:
-            with torch.no_grad():
-                GRPOTrainer._compute_loss(self, model, inputs)
-        finally:
-            del self._get_per_token_logps_and_entropies
-        if entropy_on:
-            self._entropy_metrics(ent_det, mask, mode, (ew * ent_det).sum() / scale, parts)
-        else:
-            self._entropy_measure_only(ent_det, mask, mode)
+        loss, _, _ = fused_policy_loss(self, model, inputs, mask, mode)
         return loss
+
+
+def fused_policy_loss(trainer, model, inputs, mask, mode):
+    """``(loss, logps, entropies)``: TRL's GRPO policy loss (with ``trainer.beta``'s k3 KL) plus our entropy term,
+    its gradient formed inside the LM head's forward; ``logps``/``entropies`` ``[B, K]`` are detached.
+
+    The per-token loss is a closed-form function of each completion token's log-prob ``lp`` and entropy ``H`` with
+    per-token constants (advantage, old and reference log-probs, mask, the loss type's normalizer, the entropy
+    term's aggregation weight), handed to the fused head as ``fused_loss_fn``. TRL's metrics are then logged by
+    TRL's own ``_compute_loss`` run on the detached statistics, and ours by the mixin. The caller sets the global
+    counts (``_generation_window_counts``) first. Used by ``EntropyGRPOTrainer`` and ``PPOTrainer``.
+    """
+    if trainer.aux_loss_enabled or any(inputs.get(k) is not None for k in ("pixel_values", "token_type_ids")):
+        raise ValueError("fused_loss: MoE router aux loss and multimodal inputs are not supported; "
+                         "set fused_loss=False")
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    b, k = completion_ids.shape
+    ga = trainer.current_gradient_accumulation_steps if mode == "train" else 1
+    m = mask.float()
+
+    # the loss type's weight per token (TRL's normalizations, including the division by GA)
+    if trainer.loss_type == "grpo":
+        w = m / (m.sum(-1, keepdim=True).clamp(min=1.0) * b * ga)
+    elif trainer.loss_type == "bnpo":
+        w = m / (m.sum().clamp(min=1.0) * ga)
+    elif trainer.loss_type == "dr_grpo":
+        w = m / (b * trainer.max_completion_length * ga)
+    else:  # dapo
+        norm = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if mode == "train":
+            norm = norm * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+        w = m / norm
+    # the entropy term's weight per token: it is linear in H, so its gradient w.r.t. a dummy H
+    entropy_on = trainer.entropy_bonus.entropy_level != "reward"
+    ew = torch.zeros_like(m)
+    if entropy_on:
+        dummy = torch.zeros_like(m, requires_grad=True)
+        with torch.enable_grad():
+            term, scale, parts = trainer._entropy_term(dummy, mask, mode)
+            if term.requires_grad:
+                ew = torch.autograd.grad(term * scale, dummy)[0].detach()
+
+    advantages = inputs["advantages"]
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    old = inputs.get("old_per_token_logps")
+    ref = inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None
+    length = input_ids.shape[1] - 1  # the fused head scores the shifted labels [B, L-1]
+
+    def grid(x):  # a [B, K] completion tensor on the [B, L-1] grid, flattened (prompt positions never read)
+        full = torch.zeros(b, length, dtype=torch.float32, device=x.device)
+        full[:, -k:] = x.float()
+        return full.reshape(-1)
+
+    g_w, g_ew, g_m = grid(w), grid(ew), grid(m)
+    g_adv = grid(advantages.expand(b, k))
+    g_old = None if old is None else grid(old)
+    g_ref = None if ref is None else grid(ref)
+    eps_low, eps_high, delta, beta = trainer.epsilon_low, trainer.epsilon_high, trainer.args.delta, trainer.beta
+    bias_kl = trainer.args.use_bias_correction_kl
+
+    def loss_fn(lp, ent, rows):
+        on = g_m[rows] != 0
+        zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+        old_r = lp.detach() if g_old is None else g_old[rows].to(lp.dtype)
+        log_ratio = torch.where(on, lp - old_r, zero)
+        coef_1 = torch.exp(log_ratio)
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        adv = g_adv[rows].to(lp.dtype)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+        if g_ref is not None:
+            d = torch.where(on, g_ref[rows].to(lp.dtype) - lp, zero)
+            kl = torch.exp(d) - d - 1
+            if bias_kl:
+                kl = kl * torch.exp(log_ratio)
+            per_token = per_token + beta * kl
+        per_token = torch.where(on, per_token, zero)
+        return per_token * g_w[rows].to(lp.dtype) + g_ew[rows].to(lp.dtype) * ent
+
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-k] = -100
+    with trainer.accelerator.autocast():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                    fused_loss_fn=loss_fn)
+    loss = out.loss
+    lp_det, ent_det = out.log_probs[:, -k:], out.entropy[:, -k:]
+    trainer._entropy_check_finite(loss, ent_det, mask)
+
+    # TRL's metrics (KL, clip ratios, entropy) from TRL's own code, on the detached statistics
+    def stats(*args, **kwargs):
+        return lp_det, ent_det, None
+
+    trainer._get_per_token_logps_and_entropies = stats
+    try:
+        with torch.no_grad():
+            GRPOTrainer._compute_loss(trainer, model, inputs)
+    finally:
+        del trainer._get_per_token_logps_and_entropies
+    if entropy_on:
+        trainer._entropy_metrics(ent_det, mask, mode, (ew * ent_det).sum() / scale, parts)
+    else:
+        trainer._entropy_measure_only(ent_det, mask, mode)
+    return loss, lp_det, ent_det

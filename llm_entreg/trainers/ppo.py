@@ -28,13 +28,14 @@ from trl.trainer import grpo_trainer as trl_grpo_module
 
 from ..regularizers import AdaptiveKLController, FixedKLController, kl_penalty
 from ..rl import explained_variance, gae, token_rewards, value_loss, whiten
+from .grpo import FusedLossArguments, fused_policy_loss
 from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin
 
 VALUE_STATE_FILE = "llm_entreg_value.pt"
 
 
 @dataclass
-class PPOConfig(EntropyRegularizationArguments, GRPOConfig):
+class PPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
     """``trl.GRPOConfig`` (generation, rewards, clipping, epochs) plus the critic, the KL penalty and our entropy fields.
 
     PPO-specific fields (literature defaults in brackets):
@@ -88,6 +89,7 @@ class PPOConfig(EntropyRegularizationArguments, GRPOConfig):
             raise ValueError("use_adaptive_entropy: set entropy_controller='target_entropy' instead")
         super().__post_init__()
         self.validate_entropy_arguments()
+        self.check_fused_loss_supported()
 
 
 class ValueHead(nn.Module):
@@ -258,17 +260,21 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         saved_beta = self.beta
         self.beta = self.kl_controller.value if kl_in_loss else 0.0  # TRL's k3 term only when the KL is in the loss
         try:
-            with self._entropy_capture_window() as captured:
-                loss = super()._compute_loss(model, inputs)
+            if self.args.fused_loss:  # policy loss + KL + entropy term, gradient formed in the head's forward
+                loss, logps, entropy = fused_policy_loss(self, model, inputs, mask, mode)
+            else:
+                with self._entropy_capture_window() as captured:
+                    loss = super()._compute_loss(model, inputs)
         finally:
             self.beta = saved_beta
-        logps, entropy = captured[0]
-        captured.clear()
-        self._entropy_check_finite(loss, entropy, mask)
-        if self.entropy_bonus.entropy_level != "reward":
-            loss = loss + self._entropy_loss(entropy, mask, mode)
-        else:
-            self._entropy_measure_only(entropy, mask, mode)  # the bonus went into the rewards at rollout
+        if not self.args.fused_loss:
+            logps, entropy = captured[0]
+            captured.clear()
+            self._entropy_check_finite(loss, entropy, mask)
+            if self.entropy_bonus.entropy_level != "reward":
+                loss = loss + self._entropy_loss(entropy, mask, mode)
+            else:
+                self._entropy_measure_only(entropy, mask, mode)  # the bonus went into the rewards at rollout
 
         prompt_completion = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

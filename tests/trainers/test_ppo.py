@@ -180,3 +180,39 @@ def test_critic_is_prepared_per_distributed_type(default, tmp_path, monkeypatch)
     prepared.clear()
     out = trainer._prepare_value_model(critic)
     assert out is critic and prepared == [] and next(out.parameters()).device == trainer.accelerator.device
+
+
+@pytest.mark.parametrize("kl_in, level", [("reward", "token"), ("loss", "token"), ("reward", "reward")])
+def test_fused_loss_matches_the_default_path(default, tmp_path, kl_in, level):
+    """fused_loss=True: the policy loss, KL (in the loss or not) and entropy term with the gradient formed in the
+    head's forward give the default path's loss, policy gradients, critic gradients and logged metrics."""
+    kw = dict(kl_coef=0.1, kl_in=kl_in, entropy_coef=0.3, entropy_level=level, num_iterations=2)
+    plain = _trainer(default, tmp_path / "p", **kw)
+    fused = _trainer(default, tmp_path / "f", fused_loss=True, **kw)
+    plain.model.train()
+    inputs = plain._generate_and_score_completions(next(iter(plain.get_train_dataloader())))
+    inputs = dict(inputs, old_per_token_logps=inputs["old_per_token_logps"] - 0.05)  # ratios away from 1
+    results = []
+    for trainer in (plain, fused):
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        trainer._generation_window_counts(inputs, inputs["completion_mask"].bool())
+        trainer._metrics["train"].clear()
+        trainer.model.zero_grad()
+        trainer.value_model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        vgrads = {n: p.grad.clone() for n, p in trainer.value_model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, vgrads, {k: v[-1] for k, v in trainer._metrics["train"].items()}))
+    (lp, gp, vp, mp), (lf, gf, vf, mf) = results
+    torch.testing.assert_close(lf, lp, atol=1e-6, rtol=1e-5)
+    assert gf.keys() == gp.keys() and vf.keys() == vp.keys() and any(g.abs().max() > 0 for g in gp.values())
+    for name in gp:
+        torch.testing.assert_close(gf[name], gp[name], atol=1e-6, rtol=1e-4, msg=name)
+    for name in vp:
+        torch.testing.assert_close(vf[name], vp[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert mf.keys() == mp.keys() and {"entropy", "value_loss", "entropy_bonus"} <= mp.keys()
+    assert ("kl" in mp) == (kl_in == "loss")  # TRL logs its k3 KL only when it is in the loss
+    for key in mp:
+        torch.testing.assert_close(torch.tensor(mf[key]), torch.tensor(mp[key]), atol=1e-6, rtol=1e-5, msg=key)
