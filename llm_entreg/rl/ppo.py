@@ -335,6 +335,41 @@ def clipped_surrogate(
     return torch.maximum(-advantages * ratio, -advantages * clipped), ratio
 
 
+def grpo_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    delta: float | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    bias_correction_kl: bool = False,
+) -> torch.Tensor:
+    """TRL's per-token GRPO/DAPO loss (``loss_type`` grpo, bnpo, dr_grpo, dapo; token-level importance sampling).
+
+    With ``rho = exp(logp - old_logp)`` (not clamped, as in TRL)::
+
+        L_t = -min(min(rho, delta) A, clip(rho, 1 - clip_low, 1 + clip_high) A) + beta KL_t
+        KL_t = exp(ref - logp) - (ref - logp) - 1          (k3; times rho when bias_correction_kl)
+
+    ``delta`` (two-sided clipping, None: off) caps only the unclipped ratio; the KL term is added when ``ref_logp``
+    is given and ``beta != 0``. Unaggregated and unmasked: the caller applies the loss type's per-token weights.
+    This is the closed form the loss-fused path (``fused_loss=True``) differentiates token by token.
+    """
+    coef_1 = torch.exp(logp - old_logp)
+    coef_2 = torch.clamp(coef_1, 1.0 - clip_low, 1.0 + clip_high)
+    capped = coef_1 if delta is None else torch.clamp(coef_1, max=delta)
+    loss = -torch.min(capped * advantages, coef_2 * advantages)
+    if ref_logp is not None and beta != 0.0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        if bias_correction_kl:
+            kl = kl * coef_1
+        loss = loss + beta * kl
+    return loss
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -487,6 +522,7 @@ __all__ = [
     "LOG_RATIO_CLAMP",
     "explained_variance",
     "gae",
+    "grpo_token_loss",
     "last_token_index",
     "masked_mean_var",
     "ppo_policy_loss",

@@ -15,6 +15,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as trl_grpo_module
 
+from ..rl import grpo_token_loss
 from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin
 
 #: GRPO loss types whose per-token loss is a closed-form function of the token's log-prob and entropy.
@@ -259,20 +260,11 @@ def fused_policy_loss(trainer, model, inputs, mask, mode):
     def loss_fn(lp, ent, rows):
         on = g_m[rows] != 0
         zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-        old_r = lp.detach() if g_old is None else g_old[rows].to(lp.dtype)
-        log_ratio = torch.where(on, lp - old_r, zero)
-        coef_1 = torch.exp(log_ratio)
-        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
-        adv = g_adv[rows].to(lp.dtype)
-        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-        if g_ref is not None:
-            d = torch.where(on, g_ref[rows].to(lp.dtype) - lp, zero)
-            kl = torch.exp(d) - d - 1
-            if bias_kl:
-                kl = kl * torch.exp(log_ratio)
-            per_token = per_token + beta * kl
+        lp_on = torch.where(on, lp, zero)  # masked-out tokens (tool outputs) contribute exactly 0
+        old_r = lp_on.detach() if g_old is None else torch.where(on, g_old[rows].to(lp.dtype), zero)
+        ref_r = None if g_ref is None else torch.where(on, g_ref[rows].to(lp.dtype), zero)
+        per_token = grpo_token_loss(lp_on, old_r, g_adv[rows].to(lp.dtype), eps_low, eps_high, delta, ref_r, beta,
+                                    bias_kl)
         per_token = torch.where(on, per_token, zero)
         return per_token * g_w[rows].to(lp.dtype) + g_ew[rows].to(lp.dtype) * ent
 

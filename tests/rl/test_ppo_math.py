@@ -519,3 +519,27 @@ def test_chain_rewards_gae_whiten_losses_no_nan():
     (pl + 0.1 * vl).backward()
     assert _finite(rewards, adv, ret, pl, vl, logp.grad, values.grad, *ps.values(), *vs.values())
     assert (logp.grad[pad] == 0).all() and (values.grad[pad] == 0).all()
+
+
+def test_grpo_token_loss_hand_values():
+    """TRL's per-token GRPO loss: clipping by the sign of A, delta caps only the unclipped ratio, k3 KL."""
+    from llm_entreg.rl import grpo_token_loss
+
+    lp = torch.tensor([math.log(1.5), math.log(1.5), math.log(1.5), math.log(0.9)], dtype=torch.float64,
+                      requires_grad=True)
+    old = torch.zeros(4, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)
+    plain = grpo_token_loss(lp, old, adv, 0.2, 0.2)
+    # rho 1.5, A > 0: clipped at 1.2 -> -1.2; A < 0: the unclipped 1.5 counts -> 1.5; rho 0.9 inside -> -0.9
+    torch.testing.assert_close(plain, torch.tensor([-1.2, 1.5, 1.5, -0.9], dtype=torch.float64))
+    capped = grpo_token_loss(lp, old, adv, 0.2, 0.2, delta=1.3)
+    torch.testing.assert_close(capped, torch.tensor([-1.2, 1.3, 1.3, -0.9], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(plain[3], lp)  # d(-rho A)/dlp = -rho A inside the clip range, 0 where clipped
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 0.0, -0.9], dtype=torch.float64))
+    ref = torch.zeros(4, dtype=torch.float64)
+    kl = 2 / 3 + math.log(1.5) - 1  # exp(ref - lp) - (ref - lp) - 1 at lp = log 1.5
+    with_kl = grpo_token_loss(lp, old, adv, 0.2, 0.2, ref_logp=ref, beta=0.1)
+    assert with_kl[0].item() == pytest.approx(-1.2 + 0.1 * kl, rel=1e-12)
+    corrected = grpo_token_loss(lp, old, adv, 0.2, 0.2, ref_logp=ref, beta=0.1, bias_correction_kl=True)
+    assert corrected[0].item() == pytest.approx(-1.2 + 0.1 * kl * 1.5, rel=1e-12)
+    assert torch.equal(grpo_token_loss(lp, old, adv, 0.2, 0.2, ref_logp=ref, beta=0.0), plain)
