@@ -226,9 +226,7 @@ class _ChunkedLinear(torch.autograd.Function):
         b = None if bias is None else bias.to(compute_dtype)
 
         def tile(r0, r1, v0, v1):
-            if b is None:
-                return h[r0:r1] @ w[v0:v1].t()
-            return torch.addmm(b[v0:v1], h[r0:r1], w[v0:v1].t())
+            return _logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
 
         with torch.no_grad():
             out = _forward(len(rows), n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, device)
@@ -264,9 +262,7 @@ class _ChunkedLinear(torch.autograd.Function):
             gb = torch.zeros(n_vocab, **f32) if (need_b and bias is not None) else None
 
             def tile(r0, r1, v0, v1):
-                if b is None:
-                    return h[r0:r1] @ w[v0:v1].t()
-                return torch.addmm(b[v0:v1], h[r0:r1], w[v0:v1].t())
+                return _logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
 
             def consume(dz, r0, r1, v0, v1):
                 if gb is not None:
@@ -290,6 +286,32 @@ class _ChunkedLinear(torch.autograd.Function):
             None if gb is None else gb.to(bias.dtype),
             None, None, None, None, None, None, None,
         )
+
+
+def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``h @ w.T + b``; for half-precision operands an **fp32** result (fp32 accumulation, not rounded to bf16/fp16).
+
+    Rounding the logits to bf16 would move log-probs by ~1e-2 (the spacing of bf16 near |z| ~ 10): a 1% error in
+    PPO/GRPO ratios. The Triton head keeps its tiles in fp32; this keeps the torch paths equal to it. CUDA:
+    ``torch.mm(..., out_dtype=float32)``; CPU: the operands upcast first (products of half-precision values are
+    exact in fp32). fp32 and fp64 operands: the plain product in their dtype. ``b`` is in the operands' dtype.
+    """
+    if h.dtype in (torch.float32, torch.float64):
+        return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    z = None
+    if h.is_cuda and _OUT_DTYPE_MM[0]:
+        try:
+            z = torch.mm(h, w.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_MM[0] = False
+    if z is None:
+        z = h.float() @ w.float().t()
+    if b is not None:
+        z.add_(b)
+    return z
+
+
+_OUT_DTYPE_MM = [True]
 
 
 def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

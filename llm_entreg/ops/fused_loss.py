@@ -73,7 +73,7 @@ from typing import Callable
 import torch
 
 from ._common import TokenStats, gathered_params
-from .chunked import _NEG_BIG, VOCAB_CHUNK, _addmm_f32, _grad_tile
+from .chunked import _NEG_BIG, VOCAB_CHUNK, _addmm_f32, _grad_tile, _logits_tile
 from .reference import reference_linear_token_stats
 
 
@@ -124,23 +124,8 @@ def token_chunk_for_budget(n_vocab: int, compute_dtype: torch.dtype, budget_byte
 
 
 def _logits_into(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``h @ w.T + b`` as a fresh ``dtype`` tensor (fp32 GEMM output from half-precision operands on CUDA)."""
-    if h.dtype == dtype:
-        return h @ w.t() if b is None else torch.addmm(b, h, w.t())
-    z = None
-    if h.is_cuda and _OUT_DTYPE_MM[0]:
-        try:
-            z = torch.mm(h, w.t(), out_dtype=dtype)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_MM[0] = False
-    if z is None:  # CPU: upcast first (products of half-precision values are exact in fp32), as the GPU's GEMM
-        z = h.to(dtype) @ w.to(dtype).t()
-    if b is not None:
-        z.add_(b)
-    return z
-
-
-_OUT_DTYPE_MM = [True]
+    """``h @ w.T + b`` as a fresh ``dtype`` tensor (fp32 from half-precision operands: :func:`.chunked._logits_tile`)."""
+    return _logits_tile(h, w, b).to(dtype)
 
 
 def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -209,6 +209,10 @@ def fused_policy_loss(trainer, model, inputs, mask, mode):
     if trainer.aux_loss_enabled or any(inputs.get(k) is not None for k in ("pixel_values", "token_type_ids")):
         raise ValueError("fused_loss: MoE router aux loss and multimodal inputs are not supported; "
                          "set fused_loss=False")
+    peft_config = getattr(trainer.accelerator.unwrap_model(model), "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):  # virtual tokens shift the head's label grid
+        raise ValueError("fused_loss: PEFT prompt learning (virtual tokens) is not supported; use LoRA-style "
+                         "adapters or set fused_loss=False")
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)

@@ -106,6 +106,9 @@ def test_linear_op_matches_float64_reference(backend, dtype, with_bias):
     torch.testing.assert_close(stats.log_sum_sq_probs.double(), ref.log_sum_sq_probs, **tol)
     if dtype == torch.float32:
         assert torch.equal(stats.is_top1, ref.is_top1)
+    else:  # bf16 operands, but fp32 logits (not rounded to bf16): the statistics are fp32-accurate
+        for got, exp in ((stats.logprobs, ref.logprobs), (stats.entropy, ref.entropy)):
+            assert (got.double() - exp.detach()).abs().max() < 1e-4
 
     g_lp, g_h = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     grads = _grads_of(stats.logprobs, stats.entropy, leaves, g_lp, g_h)

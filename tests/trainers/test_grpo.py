@@ -241,3 +241,19 @@ def test_fused_loss_with_gradient_accumulation_and_in_eval(default, tmp_path, lo
     torch.testing.assert_close(ef, ep, atol=1e-6, rtol=1e-5)
     for name in gp:
         torch.testing.assert_close(gf[name], gp[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_fused_loss_refuses_peft_prompt_learning(default, tmp_path):
+    """Virtual tokens shift the head's label grid: refused with a clear error, not silently misaligned."""
+    from peft import PromptTuningConfig
+
+    trainer = EntropyGRPOTrainer(
+        model=default.load_model(), reward_funcs=default.reward_funcs,
+        args=EntropyGRPOConfig(**_common(tmp_path, fused_loss=True)), train_dataset=default.prompts_train,
+        processing_class=default.tokenizer, peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with pytest.raises(ValueError, match="^fused_loss: PEFT prompt learning"):
+        trainer.compute_loss(trainer.model, inputs)
