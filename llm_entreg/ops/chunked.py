@@ -312,16 +312,21 @@ def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> to
 
 
 _OUT_DTYPE_MM = [True]
+_OUT_DTYPE_ADDMM = [True]
 
 
 def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with an fp32 accumulator; half-precision products are not rounded before the sum."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b.float() if b.dtype != torch.float32 else b)
-    elif acc.device.type == "cuda":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
+        return
+    if acc.device.type == "cuda" and _OUT_DTYPE_ADDMM[0]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without addmm(out_dtype=): upcast instead
+            _OUT_DTYPE_ADDMM[0] = False
+    acc.addmm_(a.float(), b.float())
 
 
 class _ChunkedLogits(torch.autograd.Function):
