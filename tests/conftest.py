@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # The suite's models are tiny: one thread is faster than two on a 2-core CI machine (no contention with itself)
@@ -48,3 +49,28 @@ def _import_kernels_interpreted() -> None:
 
 
 _import_kernels_interpreted()
+
+
+@pytest.fixture
+def run_ranks():
+    """``run_ranks(target, world, tmp_path)``: ``target(rank, str(tmp_path))`` in ``world`` processes, each joined
+    (60 s) and required to exit 0; stragglers are killed. Fork where available: the children inherit the imported
+    torch (spawn would re-import it: seconds instead of ~0.1 s), and touch only tiny tensors and gloo's own threads."""
+    import torch.multiprocessing as mp
+
+    def run(target, world: int, tmp_path) -> None:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        procs = [ctx.Process(target=target, args=(r, str(tmp_path))) for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join(timeout=60)
+                assert p.exitcode == 0
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+
+    return run

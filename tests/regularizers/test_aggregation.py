@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from llm_entreg.regularizers import (
     LOSS_AGG_MODES,
@@ -202,22 +201,8 @@ def _counts_worker(rank: int, tmp: str) -> None:
 
 
 @pytest.mark.slow
-def test_counts_all_reduce_two_processes(tmp_path):
-    # fork: the children inherit the imported torch (spawn would re-import it: seconds instead of ~0.1 s). The
-    # workers only touch tiny tensors (no intra-op thread pool) and gloo's own fresh threads.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    procs = [ctx.Process(target=_counts_worker, args=(r, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+def test_counts_all_reduce_two_processes(tmp_path, run_ranks):
+    run_ranks(_counts_worker, WORLD, tmp_path)
     # 3 + 2 + 1 + 2 = 8 tokens, 2 + 1 + 1 + 2 = 6 rows on every rank; scale = world size 2
     for r in range(WORLD):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [8.0, 6.0, 2.0]

@@ -176,27 +176,13 @@ def _threshold_worker(rank: int, tmp: str) -> None:
 
 
 @pytest.mark.slow
-def test_global_threshold_is_the_quantile_of_every_ranks_tokens(tmp_path):
+def test_global_threshold_is_the_quantile_of_every_ranks_tokens(tmp_path, run_ranks):
     """3 gloo processes holding 4, 1 and 0 masked-in tokens get one threshold: that of the 5 values together."""
     import json
 
-    import torch.multiprocessing as mp
-
     from llm_entreg.regularizers import entropy_quantile_threshold, global_entropy_quantile_threshold
 
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    procs = [ctx.Process(target=_threshold_worker, args=(r, str(tmp_path))) for r in range(3)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_ranks(_threshold_worker, 3, tmp_path)
     # values 0.5, 1, 2, 3, 4: the 0.6 quantile is at position 0.6 * 4 = 2.4 -> 2 + 0.4 * (3 - 2) = 2.4
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     assert got == [pytest.approx(2.4)] * 3

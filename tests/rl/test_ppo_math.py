@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from llm_entreg.regularizers import entropy_reward, kl_in_reward, kl_penalty, sampled_entropy_reward
 from llm_entreg.rl import (
@@ -294,21 +293,8 @@ def _whiten_worker(rank: int, tmp: str) -> None:
         json.dump(result, f)
 
 
-def test_whiten_distributed_two_processes(tmp_path):
-    # fork: the children inherit the imported torch (as in tests/regularizers/test_aggregation.py).
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    procs = [ctx.Process(target=_whiten_worker, args=(r, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+def test_whiten_distributed_two_processes(tmp_path, run_ranks):
+    run_ranks(_whiten_worker, WORLD, tmp_path)
     # global values 1, 2, 3, 4, 10, 20: mean 40/6 = 20/3; unbiased var = sum (x - mean)^2 / 5
     vals = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0], dtype=F64)
     mean, var = vals.mean().item(), vals.var(unbiased=True).item()

@@ -48,6 +48,17 @@ def _loss_and_grads(trainer, inputs):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
+def _generation_batch(trainer):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batches = iter(trainer.get_train_dataloader())
+    for _ in range(10):  # a generation batch whose groups do not all share one reward (else no policy gradient)
+        inputs = trainer._prepare_inputs(next(batches))
+        if inputs["advantages"].abs().sum() > 0:
+            return inputs
+    raise AssertionError("no generation batch with a non-zero advantage")
+
+
 @pytest.mark.parametrize("coef, top_q", [(0.0, 1.0), (0.3, 1.0), (0.3, 0.5)])
 def test_matches_trl_grpo_with_the_same_entropy_coef(default, tmp_path, coef, top_q):
     """β = 0: TRL's GRPO loss exactly (on our fused head). β > 0: equal to TRL's own token-mean bonus at that β
@@ -57,14 +68,7 @@ def test_matches_trl_grpo_with_the_same_entropy_coef(default, tmp_path, coef, to
     theirs = _trainer(GRPOTrainer, GRPOConfig, model, default, tmp_path, entropy_coef=coef, top_entropy_quantile=top_q)
     ours = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path, entropy_coef=coef,
                     top_entropy_quantile=top_q, entropy_bonus_top_quantile=top_q)
-    theirs.model.train()
-    theirs.current_gradient_accumulation_steps = 1
-    batches = iter(theirs.get_train_dataloader())
-    for _ in range(10):  # a generation batch whose groups do not all share one reward (else no policy gradient)
-        inputs = theirs._prepare_inputs(next(batches))
-        if inputs["advantages"].abs().sum() > 0:
-            break
-    assert inputs["advantages"].abs().sum() > 0
+    inputs = _generation_batch(theirs)
     loss_o, grads_o = _loss_and_grads(ours, inputs)
     loss_t, grads_t = _loss_and_grads(theirs, inputs)
     torch.testing.assert_close(loss_o, loss_t, atol=1e-6, rtol=1e-5)
@@ -134,17 +138,6 @@ def test_entropy_in_the_reward_is_alpha_times_the_sequence_entropy(default, tmp_
     trainer.current_gradient_accumulation_steps = 1
     trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert trainer._metrics["train"]["rewards/entropy_reward/mean"][-1] > 0
-
-
-def _generation_batch(trainer):
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    batches = iter(trainer.get_train_dataloader())
-    for _ in range(10):  # a generation batch whose groups do not all share one reward (else no policy gradient)
-        inputs = trainer._prepare_inputs(next(batches))
-        if inputs["advantages"].abs().sum() > 0:
-            return inputs
-    raise AssertionError("no generation batch with a non-zero advantage")
 
 
 @pytest.mark.parametrize("loss_type, coef, extra", [
