@@ -301,7 +301,7 @@ def fused_linear_loss(
         ``weight``, ``bias`` (its backward only scales gradients computed in the forward), and the per-token
         ``TokenStats(logprobs, entropy)`` ``[N]`` in the loss dtype (detached; 0 at ignored positions) for logging.
     """
-    from . import _check_linear  # the shared argument checks (late import: this module is exported there)
+    from . import _check_linear, resolve_backend  # shared checks (late import: this module is exported there)
 
     compute_dtype = _check_linear(hidden, weight, bias, targets, temperature, ignore_index)
     if not callable(loss_fn):
@@ -317,17 +317,11 @@ def fused_linear_loss(
         raise ValueError(f"chunk_budget_bytes: expected a positive int, got {chunk_budget_bytes!r}")
     if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"hidden: compute dtype {compute_dtype} is not supported")
-    if backend == "auto":
-        from . import triton_available
-
-        backend = "triton" if hidden.is_cuda and triton_available() and compute_dtype != torch.float64 else "chunked"
-    if backend == "triton":
-        from . import triton_available
-
-        if not triton_available():
-            raise ValueError("backend: 'triton' requested but triton is not importable on this platform")
-        if compute_dtype == torch.float64:
-            raise ValueError("backend: 'triton' computes in fp32/bf16/fp16; use 'chunked' for float64 inputs")
+    if backend == "auto" and compute_dtype == torch.float64:
+        backend = "chunked"  # the Triton kernels compute in fp32/bf16/fp16
+    backend = resolve_backend(backend, hidden.device)  # auto -> triton on CUDA; refuses triton without triton
+    if backend == "triton" and compute_dtype == torch.float64:
+        raise ValueError("backend: 'triton' computes in fp32/bf16/fp16; use 'chunked' for float64 inputs")
 
     if backend == "torch":
         sdt = _stat_dtype(compute_dtype)

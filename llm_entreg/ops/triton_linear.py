@@ -259,8 +259,7 @@ def _linear_fwd_kernel(
         cols = v0 + cols0
         col_ok = cols < v_hi
         z = _logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, rows, row_ok, cols, col_ok,
-                         D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, EVEN_D, BLOCK_N, BLOCK_V,
-                         BLOCK_D)
+                         D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
         blk_max = tl.max(z, axis=1)
         m_new = tl.maximum(m, blk_max)
         # Rows whose columns so far are all -inf keep m = -inf: shift them by 0 so that nothing becomes NaN.
@@ -345,8 +344,7 @@ def _linear_dz_kernel(
     row_ok = rows < N
     col_ok = cols < V
     z = _logits_tile(h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, rows, row_ok, cols, col_ok,
-                     D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, EVEN_D, BLOCK_N, BLOCK_V,
-                         BLOCK_D)
+                     D, temperature, HAS_BIAS, COMPUTE, PRECISION, INTERPRETER, EVEN_D, BLOCK_N, BLOCK_V, BLOCK_D)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])
     dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -371,6 +369,21 @@ def _precision(compute_dtype: torch.dtype):
     if compute_dtype != torch.float32:
         return None
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _tile_launch_args(cfg: KernelConfig, compute_dtype: torch.dtype, d: int, is_cuda: bool) -> dict:
+    """The launch arguments both kernels pass to ``_logits_tile``: dtype, precision, tiles, warps, stages."""
+    return dict(
+        COMPUTE=_TL_DTYPE[compute_dtype],
+        PRECISION=_precision(compute_dtype),
+        INTERPRETER=not is_cuda,
+        EVEN_D=d % cfg.block_d == 0,
+        BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v,
+        BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
 
 
 def _num_splits(n_rows: int, n_vocab: int, device: torch.device, cfg: KernelConfig | None = None) -> tuple[int, int]:
@@ -415,19 +428,11 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
         m, s, t, zy, q, zsum, best, best_idx,
         n, v, d, v_per_split, splits, temperature,
         HAS_BIAS=bias is not None,
-        COMPUTE=_TL_DTYPE[compute_dtype],
-        PRECISION=_precision(compute_dtype),
-        INTERPRETER=not h.is_cuda,
-        EVEN_D=d % cfg.block_d == 0,
         SPLIT_FASTEST=SPLIT_FASTEST,
         WANT_MEAN=want_mean,
         WANT_TOP1=want_top1,
         WANT_LSSP=want_lssp,
-        BLOCK_N=cfg.block_n,
-        BLOCK_V=cfg.block_v,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **_tile_launch_args(cfg, compute_dtype, d, h.is_cuda),
     )  # fmt: skip
     # Merge the splits: the same shifted update as in the kernel, over the split axis.
     m_all = m.max(0).values
@@ -611,16 +616,8 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
                 HAS_BIAS=bias is not None,
                 HAS_G_LP=g_lp_v is not None,
                 HAS_G_H=g_h_v is not None,
-                COMPUTE=_TL_DTYPE[cdt],
-                PRECISION=_precision(cdt),
-                INTERPRETER=not h_chunk.is_cuda,
-                EVEN_D=d % cfg.block_d == 0,
                 GROUP=DZ_GROUP,
-                BLOCK_N=cfg.block_n,
-                BLOCK_V=cfg.block_v,
-                BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
+                **_tile_launch_args(cfg, cdt, d, h_chunk.is_cuda),
             )  # fmt: skip
             if need_h:
                 _gemm(gh_out, dz, w_slice.to(cdt), accumulate=ci > 0)

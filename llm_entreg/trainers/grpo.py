@@ -231,7 +231,7 @@ def fused_policy_loss(trainer, model, inputs, mask, mode):
     else:  # dapo
         norm = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
         if mode == "train":
-            norm = norm * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+            norm = norm * ga / trainer.args.steps_per_generation
         w = m / norm
     # the entropy term's weight per token: it is linear in H, so its gradient w.r.t. a dummy H
     entropy_on = trainer.entropy_bonus.entropy_level != "reward"
