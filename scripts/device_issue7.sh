@@ -12,6 +12,19 @@
 set -u
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: on the GPU (ISSUE7_PACK=1, the default there) results are
+# written to a scratch folder and packed into $OUT/results.tgz after every stage, so a stage cut off still leaves the
+# ones before it.
+DEST=
+if [[ ${ISSUE7_PACK:-$([[ ${ISSUE7_DRY:-0} == 1 ]] && echo 0 || echo 1)} == 1 ]]; then
+  DEST=$OUT
+  OUT=$(mktemp -d /tmp/issue7.XXXX)
+fi
+pack() {
+  [[ -n $DEST ]] || return 0
+  tar czf "$DEST/results.tgz.part" -C "$OUT" . && mv "$DEST/results.tgz.part" "$DEST/results.tgz"
+  cp "$SUMMARY" "$DEST/summary.txt"
+}
 BUDGET=${ISSUE7_BUDGET_S:-560}
 STAGES=${ISSUE7_STAGES:-"probe main e2e sizes sanitizer tune tests"}
 T0=$(date +%s)
@@ -32,6 +45,7 @@ stage() {  # stage NAME LIMIT_S MIN_S command...: skipped when fewer than MIN_S 
   rc=$?
   echo "== $name rc=$rc after $(( $(date +%s) - T0 ))s" | tee -a "$SUMMARY"
   tail -n 12 "$OUT/$name.log"
+  pack
 }
 
 if [[ ${ISSUE7_DRY:-0} != 1 ]] && ls .whl/*.whl > /dev/null 2>&1; then
@@ -53,9 +67,9 @@ if [[ ${ISSUE7_DRY:-0} == 1 ]]; then
   STEP=(--device cpu --tiny)
 fi
 stage probe 60 20 python3 scripts/device_probe.py --out "$OUT/probe.json"
-stage main 150 90 python3 scripts/bench_entropy.py "${CASE[@]}" \
+stage main 200 90 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose \
   --impls naive,trl_chunked,ours_chunked,ours_triton,ours_fused_loss,ours_fused_loss_chunked,liger,liger_scaled,liger_scaled_fallback \
-  --check-sampled 128 --check-tokens 32 --repeats 7 --warmup 2 --memory fwdbwd --out "$OUT/main"
+  --check-sampled 128 --check-tokens 32 --repeats 7 --warmup 1 --memory fwdbwd --out "$OUT/main"
 if [[ -f scripts/bench_step.py ]]; then
   stage e2e 110 70 python3 scripts/bench_step.py "${STEP[@]}" --out "$OUT/e2e"
 fi
@@ -69,7 +83,7 @@ else
   echo "== sanitizer: compute-sanitizer not on PATH" | tee -a "$SUMMARY"
 fi
 
-stage tune 90 60 python3 scripts/bench_entropy.py "${CASE[@]}" --memory off --repeats 5 --warmup 1 --check-tokens 16 \
+stage tune 90 60 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose --memory off --repeats 5 --warmup 1 --check-tokens 16 \
   --impls ours_triton,ours_triton@128x128x64w8s4,ours_triton@128x128x32w8s4,ours_triton@128x128x128w8s2,ours_triton@64x256x64w8s3,ours_triton@64x128x64w4s3,ours_triton@+splits1+group1000000+tokenfirst,ours_fused_loss@512,ours_fused_loss@2048 \
   --out "$OUT/tune"
 
@@ -82,4 +96,5 @@ cat "$SUMMARY"
 for f in "$OUT"/main/*.md "$OUT"/tune/*.md; do [[ -f $f ]] && sed -n '/^| impl | check/,/^$/p' "$f" | cut -c1-220; done
 [[ -f "$OUT/sizes/sizes.md" ]] && cat "$OUT/sizes/sizes.md"
 for f in "$OUT"/e2e/*.md; do [[ -f $f ]] && head -n 40 "$f"; done
+pack
 exit 0
