@@ -8,7 +8,9 @@ Every implementation runs in ONE process on the SAME inputs, so the ratios print
 - ``ours_chunked``: ``linear_logprob_and_entropy(..., backend="chunked")``; ``ours_chunked@TCxVC`` sets the token and
   vocabulary tile sizes of :func:`llm_entreg.ops.chunked.chunked_linear_token_stats`;
 - ``ours_triton``: ``backend="triton"`` (CUDA only; under ``TRITON_INTERPRET=1`` on the CPU it is far too slow to time);
-  ``ours_triton@FWD`` or ``ours_triton@FWD/DZ`` forces the kernels' launch configurations (``128x128x64w8s3``: see
+  ``ours_triton@+tiles`` / ``ours_triton@+gemm`` force the head's mode (default: ``head_mode``, "gemm" on CUDA),
+  ``+bufN`` the gemm mode's fp32 buffer in MiB (``GEMM_BUFFER_BYTES``);
+  ``ours_triton@FWD`` or ``ours_triton@FWD/DZ`` (tiles mode) forces the kernels' launch configurations (``128x128x64w8s3``: see
   :class:`llm_entreg.ops.triton_linear.KernelConfig`), ``+splitsN`` / ``+groupN`` / ``+tokenfirst`` the forward's
   ``MIN_SPLITS``, the dz kernel's ``DZ_GROUP`` and the forward's token-block-fastest order (version 1's launch order
   is ``ours_triton@+splits1+group1000000+tokenfirst``: a group larger than the token blocks is token block fastest);
@@ -168,8 +170,9 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
 
         fwd_cfg = dz_cfg = None
         knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP,
-                 "SPLIT_FASTEST": triton_linear.SPLIT_FASTEST}
+                 "SPLIT_FASTEST": triton_linear.SPLIT_FASTEST, "GEMM_BUFFER_BYTES": triton_linear.GEMM_BUFFER_BYTES}
         defaults = dict(knobs)
+        mode = None  # the device default (head_mode); a forced tile configuration or split/group knob means "tiles"
         if param:
             cfg_part, *extra = param.split("+")
             parts = cfg_part.split("/") if cfg_part else []
@@ -180,20 +183,31 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
                     fwd_cfg = triton_linear.KernelConfig.parse(parts[0])
                     dz_cfg = triton_linear.KernelConfig.parse(parts[-1])
                 for knob in extra:
+                    if knob in triton_linear.HEAD_MODES:
+                        mode = knob
+                        continue
+                    if knob.startswith("buf") and knob[3:].isdigit() and int(knob[3:]) > 0:
+                        knobs["GEMM_BUFFER_BYTES"] = int(knob[3:]) * 2**20
+                        mode = mode or "gemm"
+                        continue
                     if knob == "tokenfirst":
                         knobs["SPLIT_FASTEST"] = False
                         continue
                     name = "MIN_SPLITS" if knob.startswith("splits") else "DZ_GROUP" if knob.startswith("group") else None
                     value = knob.removeprefix("splits").removeprefix("group")
                     if name is None or not value.isdigit() or int(value) < 1:
-                        raise ValueError(f"unknown knob {knob!r} (splitsN, groupN with N >= 1, or tokenfirst)")
+                        raise ValueError(f"unknown knob {knob!r} (splitsN, groupN with N >= 1, tokenfirst, tiles, "
+                                         "gemm)")
                     knobs[name] = int(value)
             except ValueError as exc:
                 raise ValueError(f"--impls: {spec!r}: {exc}") from None
+            if mode is None and (parts or any(knobs[k] != defaults[k] for k in knobs if k != "GEMM_BUFFER_BYTES")):
+                mode = "tiles"
         if device.type != "cuda":
             return None, "CUDA only (on the CPU Triton runs only under TRITON_INTERPRET=1, far too slow to time)"
 
         def prepare():
+            triton_linear.set_head_mode(mode)
             triton_linear.set_kernel_config("fwd", fwd_cfg)
             triton_linear.set_kernel_config("dz", dz_cfg)
             for name, value in knobs.items():
@@ -206,8 +220,14 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         cfgs = {k: str(triton_linear.kernel_config(k, dev, torch.bfloat16)) for k in ("fwd", "dz")}
         if fwd_cfg is not None:
             cfgs = {"fwd": str(fwd_cfg), "dz": str(dz_cfg)}
-        note = (f"fused Triton LM head (fwd {cfgs['fwd']}, dz {cfgs['dz']}{'' if fwd_cfg else ' for bf16'}"
-                + "".join(f", {k}={v}" for k, v in knobs.items() if v != defaults[k]) + ")")
+        shown = mode or triton_linear.head_mode(dev)
+        if shown == "gemm":
+            note = (f"Triton LM head, gemm mode: cuBLAS fp32 logits into a "
+                    f"{knobs['GEMM_BUFFER_BYTES'] / 2**20:g} MiB buffer + Triton row kernels")
+        else:
+            note = (f"fused Triton LM head, tiles mode (fwd {cfgs['fwd']}, dz {cfgs['dz']}"
+                    f"{'' if fwd_cfg else ' for bf16'}"
+                    + "".join(f", {k}={v}" for k, v in knobs.items() if v != defaults[k]) + ")")
         return Impl(spec, triton_fn, prepare=prepare, note=note), ""
     if base in ("ours_fused_loss", "ours_fused_loss_chunked"):
         from llm_entreg.ops import fused_linear_loss

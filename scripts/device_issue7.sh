@@ -66,28 +66,26 @@ if [[ ${ISSUE7_DRY:-0} == 1 ]]; then
   SIZES=(--ns 32,64 --vocabs 301,1001 --d 16 --dtype fp32 --device cpu)
   STEP=(--device cpu --tiny)
 fi
+MAIN_IMPLS=${ISSUE7_MAIN_IMPLS:-naive,trl_chunked,ours_chunked,ours_triton,ours_triton@+tiles,ours_fused_loss,ours_fused_loss_chunked,liger,liger_scaled,liger_scaled_fallback}
 stage probe 60 20 python3 scripts/device_probe.py --out "$OUT/probe.json"
-stage main 200 90 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose \
-  --impls naive,trl_chunked,ours_chunked,ours_triton,ours_fused_loss,ours_fused_loss_chunked,liger,liger_scaled,liger_scaled_fallback \
+stage main 200 90 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose --impls "$MAIN_IMPLS" \
   --check-sampled 128 --check-tokens 32 --repeats 7 --warmup 1 --memory fwdbwd --out "$OUT/main"
-if [[ -f scripts/bench_step.py ]]; then
-  stage e2e 110 70 python3 scripts/bench_step.py "${STEP[@]}" --out "$OUT/e2e"
-fi
-stage sizes 120 60 python3 scripts/bench_sizes.py "${SIZES[@]}" --impls trl_chunked,ours_triton,ours_fused_loss,liger --repeats 3 --warmup 1 --memory off \
-  --out "$OUT/sizes"
+stage tests 80 40 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
 if command -v compute-sanitizer > /dev/null; then
   # the caching allocator pools small tensors in big blocks, which hides small out-of-bounds accesses from memcheck
-  stage sanitizer 60 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  stage sanitizer 60 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 9 python3 scripts/sanitize_kernels.py
 else
   echo "== sanitizer: compute-sanitizer not on PATH" | tee -a "$SUMMARY"
 fi
-
-stage tune 90 60 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose --memory off --repeats 5 --warmup 1 --check-tokens 16 \
-  --impls ours_triton,ours_triton@128x128x64w8s4,ours_triton@128x128x32w8s4,ours_triton@128x128x128w8s2,ours_triton@64x256x64w8s3,ours_triton@64x128x64w4s3,ours_triton@+splits1+group1000000+tokenfirst,ours_fused_loss@512,ours_fused_loss@2048 \
+if [[ -f scripts/bench_step.py ]]; then
+  stage e2e 110 70 python3 scripts/bench_step.py "${STEP[@]}" --out "$OUT/e2e"
+fi
+stage sizes 130 60 python3 scripts/bench_sizes.py "${SIZES[@]}" --impls trl_chunked,ours_triton,ours_triton@+tiles,ours_fused_loss,liger \
+  --repeats 3 --warmup 1 --memory off --out "$OUT/sizes"
+stage tune 90 50 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose --memory off --repeats 5 --warmup 1 --check-tokens 16 \
+  --impls ours_triton,ours_triton@+buf96,ours_triton@+buf448,ours_triton@+tiles,ours_triton@128x128x64w8s4,ours_triton@128x256x64w8s3,ours_triton@256x128x64w8s3,ours_fused_loss,ours_fused_loss@2048,ours_fused_loss@4096,ours_fused_loss@8192 \
   --out "$OUT/tune"
-
-stage tests 80 50 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
 
 echo
 echo "######## summary ($(( $(date +%s) - T0 ))s)"

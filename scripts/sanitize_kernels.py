@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm_entreg.ops import fused_linear_loss, linear_token_stats, token_stats  # noqa: E402
+from llm_entreg.ops import fused_linear_loss, linear_token_stats, token_stats, triton_linear  # noqa: E402
 from llm_entreg.ops.reference import reference_linear_token_stats, reference_token_stats  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +30,10 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def linear_case(n, d, v, dtype, seed):
+def linear_case(n, d, v, dtype, seed, mode="tiles"):
+    """The fused head in one mode; "gemm" with a buffer of 64 fp32 rows, so both passes run several chunks."""
+    triton_linear.set_head_mode(mode)
+    triton_linear.GEMM_BUFFER_BYTES = 64 * v * 4
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=gen).to(dtype)
     weight = (torch.randn(v, d, generator=gen) / d**0.25).to(dtype)
@@ -105,6 +108,8 @@ def main() -> int:
     cases = [
         ("linear fp32 d=200", lambda: linear_case(333, 200, 5003, torch.float32, 1)),
         ("linear bf16 d=256", lambda: linear_case(333, 256, 5003, torch.bfloat16, 2)),
+        ("linear fp32 d=200 gemm mode", lambda: linear_case(333, 200, 5003, torch.float32, 6, "gemm")),
+        ("linear bf16 d=256 gemm mode", lambda: linear_case(333, 256, 5003, torch.bfloat16, 7, "gemm")),
         ("logits fp32", lambda: logits_case(77, 5003, torch.float32, 3)),
         ("logits bf16", lambda: logits_case(77, 5003, torch.bfloat16, 4)),
         ("fused loss bf16", lambda: fused_loss_case(200, 256, 5003, torch.bfloat16, 5)),

@@ -53,6 +53,16 @@ MIN_SPLITS = 16
 DZ_GROUP = 8
 #: Forward launch order: split index fastest (True) or token block fastest (False, version 1's order).
 SPLIT_FASTEST = True
+#: How the head forms its logits tiles (:func:`head_mode`): ``"tiles"``, the Triton kernels above (each logits tile
+#: made by ``tl.dot`` and folded in registers, nothing written), or ``"gemm"``, cuBLAS GEMMs with an fp32 result into a
+#: bounded buffer that one read pass of the Triton row kernels (``triton_logits``) folds. Measured on an H200
+#: (docs/kernels_notes.md): at 128 x 128 tiles the Triton mainloop is bound by L2 bandwidth (~64 FLOP per byte of
+#: tile loads), while cuBLAS's clustered 128 x 256 tiles reach the matmul rate, so "gemm" is the CUDA default.
+HEAD_MODES = ("tiles", "gemm")
+#: fp32 logits buffer of the "gemm" mode: the forward's token chunk (full vocabulary rows) and the backward's
+#: token x vocabulary chunk, whose ``dz`` is written in place over the same bytes. Backward peak extra memory:
+#: about ``GEMM_BUFFER_BYTES + ACC_BYTES`` (480 MiB).
+GEMM_BUFFER_BYTES = 224 * 2**20
 #: Smallest token chunk, and the vocabulary chunk's multiple.
 MIN_TOKEN_CHUNK = 256
 VOCAB_ALIGN = 256
@@ -94,6 +104,27 @@ class KernelConfig:
 
 KERNELS = ("fwd", "dz")
 _OVERRIDES: dict[str, KernelConfig] = {}
+_MODE_OVERRIDE: list[str | None] = [None]
+
+
+def set_head_mode(mode: str | None) -> None:
+    """Force the head's mode (``"tiles"`` or ``"gemm"``, see :data:`HEAD_MODES`); ``None`` restores the default."""
+    if mode is not None and mode not in HEAD_MODES:
+        raise ValueError(f"head mode: expected one of {HEAD_MODES}, got {mode!r}")
+    _MODE_OVERRIDE[0] = mode
+
+
+def head_mode(device: torch.device) -> str:
+    """The mode the head runs in: override, else ``LLM_ENTREG_TRITON_HEAD``, else "gemm" on CUDA, "tiles" elsewhere
+    (under the interpreter the tiles kernels are what needs testing; both modes are tested there)."""
+    if _MODE_OVERRIDE[0] is not None:
+        return _MODE_OVERRIDE[0]
+    env = os.environ.get("LLM_ENTREG_TRITON_HEAD")
+    if env:
+        if env not in HEAD_MODES:
+            raise ValueError(f"LLM_ENTREG_TRITON_HEAD: expected one of {HEAD_MODES}, got {env!r}")
+        return env
+    return "gemm" if device.type == "cuda" else "tiles"
 
 
 def set_kernel_config(kernel: str, config: "KernelConfig | str | None") -> None:
@@ -458,6 +489,67 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
     return out
 
 
+def _logits_f32_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``out = h @ w.T (+ b)`` in fp32 from ``h``/``w`` in the compute dtype (fp32 accumulation, one fp32 result)."""
+    if h.dtype == torch.float32:
+        torch.mm(h, w.t(), out=out)
+    else:
+        done = False
+        if h.is_cuda and _MM_OUT_F32[0]:
+            try:
+                torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
+                done = True
+            except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm(out_dtype=, out=)
+                _MM_OUT_F32[0] = False
+        if not done:
+            out.zero_()
+            _addmm_f32(out, h, w.t())
+    if b is not None:
+        out.add_(b)
+    return out
+
+
+_MM_OUT_F32 = [True]
+
+
+def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, want_mean, want_top1, want_lssp):
+    """:func:`_forward_stats` in the "gemm" mode: per token chunk one cuBLAS GEMM into the fp32 logits buffer, then
+    one read pass of ``triton_logits.row_stats`` over the full rows."""
+    from .triton_logits import row_stats
+
+    n, d = h.shape
+    v = weight.shape[0]
+    dev = h.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    tc = max(1, min(n, GEMM_BUFFER_BYTES // (4 * v)))
+    if tc >= 256:
+        tc = tc // 128 * 128  # whole GEMM tiles
+    buf = torch.empty(tc * v, **f32)
+    w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype).float()
+    out = {"lse": torch.empty(n, **f32), "logprobs": torch.empty(n, **f32), "entropy": torch.empty(n, **f32)}
+    if want_mean:
+        out["mean_logits"] = torch.empty(n, **f32)
+    if want_top1:
+        out["is_top1"] = torch.empty(n, device=dev, dtype=torch.bool)
+    if want_lssp:
+        out["log_sum_sq_probs"] = torch.empty(n, **f32)
+    never = -(2**62)  # every target here is valid
+    for r0 in range(0, n, tc):
+        r1 = min(r0 + tc, n)
+        z = _logits_f32_into(buf[: (r1 - r0) * v].view(r1 - r0, v), h[r0:r1].to(compute_dtype), w, b)
+        lp, ent, lse, mean, top1, lssp = row_stats(z, targets[r0:r1], temperature, never, want_mean, want_top1,
+                                                   want_lssp)
+        out["logprobs"][r0:r1], out["entropy"][r0:r1], out["lse"][r0:r1] = lp, ent, lse
+        if want_mean:
+            out["mean_logits"][r0:r1] = mean
+        if want_top1:
+            out["is_top1"][r0:r1] = top1
+        if want_lssp:
+            out["log_sum_sq_probs"][r0:r1] = lssp
+    return out
+
+
 def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """``out = a @ b`` or ``out += a @ b``; ``a``/``b`` in the compute dtype, ``out`` in it or in fp32.
 
@@ -478,15 +570,35 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
         out.add_(prod) if accumulate else out.copy_(prod)
 
 
-def backward_plan(n: int, v: int, d: int, elem: int, need_h: bool, fp32_hidden_grad: bool) -> tuple[int, int]:
+def _dz_gemm(buf, h, w, b, t_local, lse, ent, g_lp, g_h, temperature, cdt):
+    """The "gemm" mode's ``dz`` of one chunk: the fp32 logits ``h @ w.T (+ b)`` by one GEMM into ``buf``, then
+    ``triton_logits.row_grad`` writes ``dz`` in the compute dtype **in place**: row ``r``'s values go to the first
+    ``2 x cols`` bytes of its own fp32 row (each element is read before any write that overlaps it, by the same
+    program), so ``dz`` is a strided ``[rows, cols]`` view (leading dimension ``2 x cols``) that cuBLAS takes as is.
+    ``t_local``: targets minus the chunk's first column (outside ``[0, cols)``: no indicator term in this chunk)."""
+    from .triton_logits import row_grad
+
+    rows, cols = h.shape[0], w.shape[0]
+    z = _logits_f32_into(buf[: rows * cols].view(rows, cols), h, w, b)
+    if cdt == torch.float32:
+        dz = z
+    else:
+        dz = z.view(cdt).view(rows, 2 * cols)[:, :cols]
+    never = -(2**62)  # no local target is ignored: the ignored positions were compacted away
+    return row_grad(z, t_local, lse, ent, g_lp, g_h, temperature, never, dz)
+
+
+def backward_plan(n: int, v: int, d: int, elem: int, need_h: bool, fp32_hidden_grad: bool,
+                  buffer_bytes: int | None = None) -> tuple[int, int]:
     """``(token_chunk, vocab_chunk)`` of the backward for ``n`` valid tokens, ``elem`` bytes per ``dz`` element.
 
     The ``dz`` buffer ``token_chunk x vocab_chunk`` stays within :data:`DZ_BUFFER_BYTES`. The token chunk is all
     tokens unless ``grad_hidden`` must be accumulated over vocabulary chunks in an fp32 buffer
     (``need_h`` and a half-precision hidden state): then at most :data:`ACC_BYTES` ``/ (4 d)`` tokens (at least
     :data:`MIN_TOKEN_CHUNK`). One token chunk means ``grad_weight`` is written by one GEMM per vocabulary chunk.
+    The "gemm" mode passes ``elem = 4`` and ``buffer_bytes = GEMM_BUFFER_BYTES``: its buffer holds fp32 logits.
     """
-    dz_elems = max(1, DZ_BUFFER_BYTES // elem)
+    dz_elems = max(1, (DZ_BUFFER_BYTES if buffer_bytes is None else buffer_bytes) // elem)
     if n * v <= dz_elems:
         return max(n, 1), v
     tc = n
@@ -516,8 +628,10 @@ class _TritonLinearTokenStats(torch.autograd.Function):
         with gathered_params(weight, bias), torch.autocast(dev.type, enabled=False):
             h_v = hidden if idx is None else hidden.index_select(0, idx)
             t_v = targets if idx is None else targets.index_select(0, idx)
+            mode = head_mode(dev)
             if n_valid > 0:
-                stats = _forward_stats(h_v, weight, bias, t_v, temperature, compute_dtype, *want)
+                fwd = _forward_stats_gemm if mode == "gemm" else _forward_stats
+                stats = fwd(h_v, weight, bias, t_v, temperature, compute_dtype, *want)
             else:
                 stats = {k: torch.zeros(0, **f32) for k in ("lse", "logprobs", "entropy", "mean_logits",
                                                                "log_sum_sq_probs")}
@@ -535,6 +649,7 @@ class _TritonLinearTokenStats(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, idx, t_v, stats["lse"], stats["entropy"])
         ctx.temperature = temperature
         ctx.compute_dtype = compute_dtype
+        ctx.mode = mode
         ctx.mark_non_differentiable(*extras)
         return (*outs, *extras)
 
@@ -547,12 +662,12 @@ class _TritonLinearTokenStats(torch.autograd.Function):
         hidden, weight, bias, idx, t_v, lse_v, ent_v = ctx.saved_tensors
         with gathered_params(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             grads = _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, ctx.temperature,
-                                     ctx.compute_dtype, need_h, need_w, need_b)
+                                     ctx.compute_dtype, need_h, need_w, need_b, ctx.mode)
         return (*grads, *nones[3:])
 
 
 def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, temperature, cdt, need_h, need_w,
-                     need_b):
+                     need_b, mode="tiles"):
     """``(grad_hidden, grad_weight, grad_bias)`` (None where not needed) by :func:`backward_plan`'s chunks."""
     n, d = hidden.shape
     dev = hidden.device
@@ -570,11 +685,16 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
 
     g_lp_v, g_h_v = pick(g_lp), pick(g_h)
     h_v = hidden if idx is None else hidden.index_select(0, idx)
-    tc, vc = backward_plan(n_valid, v, d, cdt.itemsize, need_h, hidden.dtype == torch.float32)
+    gemm_mode = mode == "gemm"
+    if gemm_mode:
+        tc, vc = backward_plan(n_valid, v, d, 4, need_h, hidden.dtype == torch.float32, GEMM_BUFFER_BYTES)
+    else:
+        tc, vc = backward_plan(n_valid, v, d, cdt.itemsize, need_h, hidden.dtype == torch.float32)
     n_tok_chunks = triton.cdiv(n_valid, tc)
     n_voc_chunks = triton.cdiv(v, vc)
     cfg = kernel_config("dz", dev, cdt)
-    buf = torch.empty(min(tc, n_valid) * vc, device=dev, dtype=cdt)
+    buf = torch.empty(min(tc, n_valid) * vc, device=dev, dtype=torch.float32 if gemm_mode else cdt)
+    b_c = None if bias is None or not gemm_mode else bias.to(cdt).float()
     # grad_hidden of the valid rows: written per token chunk, through an fp32 accumulator over vocabulary chunks
     gh_v = gh_acc = gw = gw_acc = gb = None
     if need_h:
@@ -595,30 +715,36 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
     for r0 in range(0, n_valid, tc):
         r1 = min(r0 + tc, n_valid)
         h_chunk = h_v[r0:r1]
-        hc_chunk = h_chunk.to(cdt) if need_w else None
+        hc_chunk = h_chunk.to(cdt) if (need_w or gemm_mode) else None
         gh_out = None
         if need_h:
             gh_out = gh_v[r0:r1] if gh_acc is None else gh_acc[: r1 - r0]
         for ci, c0 in enumerate(range(0, v, vc)):
             c1 = min(c0 + vc, v)
-            dz = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            grid = (triton.cdiv(r1 - r0, cfg.block_n) * triton.cdiv(c1 - c0, cfg.block_v),)
             w_slice = weight[c0:c1]
-            _linear_dz_kernel[grid](
-                h_chunk, h_chunk.stride(0), h_chunk.stride(1),
-                w_slice, w_slice.stride(0), w_slice.stride(1),
-                dummy if bias is None else bias[c0:c1],
-                t_v[r0:r1], lse_v[r0:r1], ent_v[r0:r1],
-                dummy if g_lp_v is None else g_lp_v[r0:r1],
-                dummy if g_h_v is None else g_h_v[r0:r1],
-                dz, dz.stride(0),
-                r1 - r0, c1 - c0, d, c0, temperature,
-                HAS_BIAS=bias is not None,
-                HAS_G_LP=g_lp_v is not None,
-                HAS_G_H=g_h_v is not None,
-                GROUP=DZ_GROUP,
-                **_tile_launch_args(cfg, cdt, d, h_chunk.is_cuda),
-            )  # fmt: skip
+            if gemm_mode:
+                dz = _dz_gemm(buf, hc_chunk, w_slice.to(cdt), None if b_c is None else b_c[c0:c1],
+                              t_v[r0:r1] - c0, lse_v[r0:r1], ent_v[r0:r1],
+                              None if g_lp_v is None else g_lp_v[r0:r1], None if g_h_v is None else g_h_v[r0:r1],
+                              temperature, cdt)
+            else:
+                dz = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                grid = (triton.cdiv(r1 - r0, cfg.block_n) * triton.cdiv(c1 - c0, cfg.block_v),)
+                _linear_dz_kernel[grid](
+                    h_chunk, h_chunk.stride(0), h_chunk.stride(1),
+                    w_slice, w_slice.stride(0), w_slice.stride(1),
+                    dummy if bias is None else bias[c0:c1],
+                    t_v[r0:r1], lse_v[r0:r1], ent_v[r0:r1],
+                    dummy if g_lp_v is None else g_lp_v[r0:r1],
+                    dummy if g_h_v is None else g_h_v[r0:r1],
+                    dz, dz.stride(0),
+                    r1 - r0, c1 - c0, d, c0, temperature,
+                    HAS_BIAS=bias is not None,
+                    HAS_G_LP=g_lp_v is not None,
+                    HAS_G_H=g_h_v is not None,
+                    GROUP=DZ_GROUP,
+                    **_tile_launch_args(cfg, cdt, d, h_chunk.is_cuda),
+                )  # fmt: skip
             if need_h:
                 _gemm(gh_out, dz, w_slice.to(cdt), accumulate=ci > 0)
             if need_w:

@@ -314,7 +314,7 @@ def test_triton_backend_matches_float64_reference(dtype, token_chunk):
     tight = dict(atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(stats.logprobs.double(), ref_stats.logprobs.detach(), **tight)
     torch.testing.assert_close(stats.entropy.double(), ref_stats.entropy.detach(), **tight)
-    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=1e-4, rtol=1e-5)
     loss = loss.cpu()
     leaves = _leaves(hidden, weight, bias)
     grads = [g.cpu() for g in torch.autograd.grad(loss, on_dev)]

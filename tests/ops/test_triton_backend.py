@@ -248,9 +248,18 @@ def _linear_inputs(gen, dtype, bias_kind, n=37, d=24, n_vocab=301):
     return hidden, weight, bias, targets
 
 
+@pytest.fixture(params=triton_linear.HEAD_MODES)
+def head_mode(request, monkeypatch):
+    """Both ways of forming the logits: the Triton tile kernels, and GEMMs into a small fp32 buffer (8 tokens of
+    the forward per chunk here) folded by the row kernels."""
+    monkeypatch.setattr(triton_linear, "_MODE_OVERRIDE", [request.param])
+    monkeypatch.setattr(triton_linear, "GEMM_BUFFER_BYTES", 8 * 301 * 4)
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=[c[0] for c in LINEAR_CASES])
-def test_linear_kernel_matches_float64_reference(case):
+def test_linear_kernel_matches_float64_reference(case, head_mode):
     _, seed, dtype, autocast_dtype, bias_kind, temperature, grads, extras = case
     gen = torch.Generator().manual_seed(seed)
     hidden, weight, bias, targets = _linear_inputs(gen, dtype, bias_kind)
@@ -326,8 +335,9 @@ BACKWARD_CHUNK_CASES = [
 
 @needs_kernels
 @pytest.mark.parametrize("case", BACKWARD_CHUNK_CASES, ids=[c[0] for c in BACKWARD_CHUNK_CASES])
-def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, case):
-    """Small buffers force token chunks and vocabulary chunks; every accumulation path against float64."""
+def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, case, head_mode):
+    """Small buffers force token chunks and vocabulary chunks; every accumulation path against float64. The "gemm"
+    mode gets a buffer of as many fp32 elements, so it plans the same chunks."""
     _, dtype, autocast_dtype, dz_elems, acc_bytes, plan = case
     gen = torch.Generator().manual_seed(41 + len(BACKWARD_CHUNK_CASES) * dz_elems % 97)
     hidden, weight, bias, targets = _linear_inputs(gen, dtype, "finite")
@@ -340,6 +350,8 @@ def test_linear_backward_chunks_tokens_and_vocabulary(monkeypatch, case):
     n_valid = int((targets != IGNORE).sum())
     assert n_valid == 29
     assert triton_linear.backward_plan(n_valid, 301, 24, compute.itemsize, True, dtype == torch.float32) == plan
+    monkeypatch.setattr(triton_linear, "GEMM_BUFFER_BYTES", dz_elems * 4)
+    assert triton_linear.backward_plan(n_valid, 301, 24, 4, True, dtype == torch.float32, dz_elems * 4) == plan
     hidden, weight, bias, targets = (t.to(DEVICE) for t in (hidden, weight, bias, targets))
     params = [t.requires_grad_(True) for t in (hidden, weight, bias)]
     if autocast_dtype is None:
