@@ -26,7 +26,7 @@ pack() {
   cp "$SUMMARY" "$DEST/summary.txt"
 }
 BUDGET=${ISSUE7_BUDGET_S:-560}
-STAGES=${ISSUE7_STAGES:-"probe main e2e sizes sanitizer tune tests"}
+STAGES=${ISSUE7_STAGES:-"probe main profile tests sanitizer e2e sizes tune"}
 T0=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -70,6 +70,7 @@ MAIN_IMPLS=${ISSUE7_MAIN_IMPLS:-naive,trl_chunked,ours_chunked,ours_triton,ours_
 stage probe 60 20 python3 scripts/device_probe.py --out "$OUT/probe.json"
 stage main 200 90 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose --impls "$MAIN_IMPLS" \
   --check-sampled 128 --check-tokens 32 --repeats 7 --warmup 1 --memory fwdbwd --out "$OUT/main"
+stage profile 60 30 python3 scripts/profile_head.py
 stage tests 80 40 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
 if command -v compute-sanitizer > /dev/null; then
   # the caching allocator pools small tensors in big blocks, which hides small out-of-bounds accesses from memcheck
