@@ -9,7 +9,8 @@ Every implementation runs in ONE process on the SAME inputs, so the ratios print
   vocabulary tile sizes of :func:`llm_entreg.ops.chunked.chunked_linear_token_stats`;
 - ``ours_triton``: ``backend="triton"`` (CUDA only; under ``TRITON_INTERPRET=1`` on the CPU it is far too slow to time);
   ``ours_triton@+tiles`` / ``ours_triton@+gemm`` force the head's mode (default: ``head_mode``, "gemm" on CUDA),
-  ``+bufN`` the gemm mode's fp32 buffer in MiB (``GEMM_BUFFER_BYTES``);
+  ``+bufN`` the gemm mode's fp32 buffer in MiB (``GEMM_BUFFER_BYTES``), ``+accN`` the fp32 accumulator cap in MiB
+  (``ACC_BYTES``);
   ``ours_triton@FWD`` or ``ours_triton@FWD/DZ`` (tiles mode) forces the kernels' launch configurations (``128x128x64w8s3``: see
   :class:`llm_entreg.ops.triton_linear.KernelConfig`), ``+splitsN`` / ``+groupN`` / ``+tokenfirst`` the forward's
   ``MIN_SPLITS``, the dz kernel's ``DZ_GROUP`` and the forward's token-block-fastest order (version 1's launch order
@@ -170,7 +171,8 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
 
         fwd_cfg = dz_cfg = None
         knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP,
-                 "SPLIT_FASTEST": triton_linear.SPLIT_FASTEST, "GEMM_BUFFER_BYTES": triton_linear.GEMM_BUFFER_BYTES}
+                 "SPLIT_FASTEST": triton_linear.SPLIT_FASTEST, "GEMM_BUFFER_BYTES": triton_linear.GEMM_BUFFER_BYTES,
+                 "ACC_BYTES": triton_linear.ACC_BYTES}
         defaults = dict(knobs)
         mode = None  # the device default (head_mode); a forced tile configuration or split/group knob means "tiles"
         if param:
@@ -190,6 +192,9 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
                         knobs["GEMM_BUFFER_BYTES"] = int(knob[3:]) * 2**20
                         mode = mode or "gemm"
                         continue
+                    if knob.startswith("acc") and knob[3:].isdigit() and int(knob[3:]) > 0:
+                        knobs["ACC_BYTES"] = int(knob[3:]) * 2**20
+                        continue
                     if knob == "tokenfirst":
                         knobs["SPLIT_FASTEST"] = False
                         continue
@@ -201,7 +206,7 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
                     knobs[name] = int(value)
             except ValueError as exc:
                 raise ValueError(f"--impls: {spec!r}: {exc}") from None
-            if mode is None and (parts or any(knobs[k] != defaults[k] for k in knobs if k != "GEMM_BUFFER_BYTES")):
+            if mode is None and (parts or any(knobs[k] != defaults[k] for k in ("MIN_SPLITS", "DZ_GROUP", "SPLIT_FASTEST"))):
                 mode = "tiles"
         if device.type != "cuda":
             return None, "CUDA only (on the CPU Triton runs only under TRITON_INTERPRET=1, far too slow to time)"
@@ -223,7 +228,8 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
         shown = mode or triton_linear.head_mode(dev)
         if shown == "gemm":
             note = (f"Triton LM head, gemm mode: cuBLAS fp32 logits into a "
-                    f"{knobs['GEMM_BUFFER_BYTES'] / 2**20:g} MiB buffer + Triton row kernels")
+                    f"{knobs['GEMM_BUFFER_BYTES'] / 2**20:g} MiB buffer + Triton row kernels, fp32 accumulator "
+                    f"<= {knobs['ACC_BYTES'] / 2**20:g} MiB")
         else:
             note = (f"fused Triton LM head, tiles mode (fwd {cfgs['fwd']}, dz {cfgs['dz']}"
                     f"{'' if fwd_cfg else ' for bf16'}"
