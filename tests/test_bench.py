@@ -162,11 +162,11 @@ def test_sampled_reference_matches_autograd_float64():
 def test_triton_spec_is_parsed_then_skipped_on_cpu_with_its_reason():
     for spec in ("ours_triton", "ours_triton@64x64x32w4s2", "ours_triton@64x64x32/128x128x64w4s2+splits1+group2",
                  "ours_triton@+splits1+group1000000+tokenfirst",
-                 "ours_triton@+splits4"):
+                 "ours_triton@+splits4", "ours_triton@+tiles", "ours_triton@+gemm+buf96+acc64"):
         impl, reason = bench.resolve_impl(spec, torch.device("cpu"))
         assert impl is None and "CUDA" in reason, spec
     for bad in ("ours_triton@128x128", "ours_triton@64x64x32/64x64x32/64x64x32", "ours_triton@+split4",
                 "ours_triton@+tokenlast",
-                "ours_triton@+group0"):
+                "ours_triton@+group0", "ours_triton@+buf0", "ours_triton@+gemmm"):
         with pytest.raises(ValueError, match="--impls"):
             bench.resolve_impl(bad, torch.device("cpu"))

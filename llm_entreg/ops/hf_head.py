@@ -54,6 +54,7 @@ def install_fused_head(
     rows [n]) -> [n]`` of the labelled positions, ``rows`` indexing the flattened ``[B, L-1]`` shifted-label grid.
     The head then runs :func:`llm_entreg.ops.fused_linear_loss` (the gradient is formed in the forward, 6NdV), the
     output's ``loss`` is the summed per-token loss, and ``log_probs``/``entropy`` are detached statistics.
+    ``fused_loss_chunk_bytes=`` sets that op's ``chunk_budget_bytes`` (None: its default).
 
     Args:
         model: a causal LM (``PreTrainedModel``) with ``get_output_embeddings()``.
@@ -86,7 +87,7 @@ def install_fused_head(
 
     @functools.wraps(type(model).forward)
     def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                      fused_loss_fn=None, **kw):
+                      fused_loss_fn=None, fused_loss_chunk_bytes=None, **kw):
         if not fused_lm_head:
             for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
@@ -141,6 +142,7 @@ def install_fused_head(
                     temperature=effective_temperature,
                     ignore_index=-100,
                     backend=backend,
+                    chunk_budget_bytes=fused_loss_chunk_bytes,
                 )
         per_token = {
             "log_probs": stats.logprobs.view(mask.shape),

@@ -257,6 +257,26 @@ def head_mode(request, monkeypatch):
     return request.param
 
 
+def test_head_mode_override_env_and_device_default(monkeypatch):
+    """Override > LLM_ENTREG_TRITON_HEAD > device default ("gemm" on CUDA, "tiles" elsewhere); bad values name the
+    setting."""
+    monkeypatch.setattr(triton_linear, "_MODE_OVERRIDE", [None])
+    monkeypatch.delenv("LLM_ENTREG_TRITON_HEAD", raising=False)
+    assert triton_linear.head_mode(torch.device("cpu")) == "tiles"
+    assert triton_linear.head_mode(torch.device("cuda", 0)) == "gemm"
+    monkeypatch.setenv("LLM_ENTREG_TRITON_HEAD", "tiles")
+    assert triton_linear.head_mode(torch.device("cuda", 0)) == "tiles"
+    triton_linear.set_head_mode("gemm")
+    assert triton_linear.head_mode(torch.device("cuda", 0)) == "gemm"
+    triton_linear.set_head_mode(None)
+    assert triton_linear.head_mode(torch.device("cpu")) == "tiles"
+    monkeypatch.setenv("LLM_ENTREG_TRITON_HEAD", "fast")
+    with pytest.raises(ValueError, match="^LLM_ENTREG_TRITON_HEAD: expected one of"):
+        triton_linear.head_mode(torch.device("cpu"))
+    with pytest.raises(ValueError, match="^head mode: expected one of"):
+        triton_linear.set_head_mode("fast")
+
+
 @needs_kernels
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=[c[0] for c in LINEAR_CASES])
 def test_linear_kernel_matches_float64_reference(case, head_mode):

@@ -196,6 +196,27 @@ def test_fused_loss_with_old_logprobs_and_reward_level_entropy(default, tmp_path
         torch.testing.assert_close(grads_f[name], grads_p[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_fused_loss_chunk_budget_reaches_the_head(default, tmp_path, monkeypatch):
+    """fused_loss_chunk_mib is handed to fused_linear_loss as chunk_budget_bytes; a bad value names the field."""
+    import llm_entreg.ops as ops
+
+    seen = []
+    original = ops.fused_linear_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("chunk_budget_bytes"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "fused_linear_loss", spy)  # install_fused_head imports it when the trainer is built
+    model = default.load_model()
+    fused = _trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "f", fused_loss=True,
+                     fused_loss_chunk_mib=3)
+    _loss_and_grads(fused, _generation_batch(fused))
+    assert seen and set(seen) == {3 * 2**20}
+    with pytest.raises(ValueError, match="^fused_loss_chunk_mib: expected a positive"):
+        EntropyGRPOConfig(**_common(tmp_path, fused_loss=True, fused_loss_chunk_mib=0))
+
+
 @pytest.mark.parametrize("field, value", [
     ("loss_type", "cispo"),
     ("importance_sampling_level", "sequence"),
