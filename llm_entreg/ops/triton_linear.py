@@ -538,15 +538,9 @@ def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, wa
     for r0 in range(0, n, tc):
         r1 = min(r0 + tc, n)
         z = _logits_f32_into(buf[: (r1 - r0) * v].view(r1 - r0, v), h[r0:r1].to(compute_dtype), w, b)
-        lp, ent, lse, mean, top1, lssp = row_stats(z, targets[r0:r1], temperature, never, want_mean, want_top1,
-                                                   want_lssp)
-        out["logprobs"][r0:r1], out["entropy"][r0:r1], out["lse"][r0:r1] = lp, ent, lse
-        if want_mean:
-            out["mean_logits"][r0:r1] = mean
-        if want_top1:
-            out["is_top1"][r0:r1] = top1
-        if want_lssp:
-            out["log_sum_sq_probs"][r0:r1] = lssp
+        views = [None if key not in out else out[key][r0:r1]
+                 for key in ("logprobs", "entropy", "lse", "mean_logits", "is_top1", "log_sum_sq_probs")]
+        row_stats(z, targets[r0:r1], temperature, never, want_mean, want_top1, want_lssp, out=views)
     return out
 
 
@@ -570,12 +564,12 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
         out.add_(prod) if accumulate else out.copy_(prod)
 
 
-def _dz_gemm(buf, h, w, b, t_local, lse, ent, g_lp, g_h, temperature, cdt):
+def _dz_gemm(buf, h, w, b, targets, c0, lse, ent, g_lp, g_h, temperature, cdt):
     """The "gemm" mode's ``dz`` of one chunk: the fp32 logits ``h @ w.T (+ b)`` by one GEMM into ``buf``, then
     ``triton_logits.row_grad`` writes ``dz`` in the compute dtype **in place**: row ``r``'s values go to the first
     ``2 x cols`` bytes of its own fp32 row (each element is read before any write that overlaps it, by the same
     program), so ``dz`` is a strided ``[rows, cols]`` view (leading dimension ``2 x cols``) that cuBLAS takes as is.
-    ``t_local``: targets minus the chunk's first column (outside ``[0, cols)``: no indicator term in this chunk)."""
+    ``c0``: the chunk's first vocabulary column (a target outside ``[c0, c0 + cols)``: no indicator term here)."""
     from .triton_logits import row_grad
 
     rows, cols = h.shape[0], w.shape[0]
@@ -585,7 +579,7 @@ def _dz_gemm(buf, h, w, b, t_local, lse, ent, g_lp, g_h, temperature, cdt):
     else:
         dz = z.view(cdt).view(rows, 2 * cols)[:, :cols]
     never = -(2**62)  # no local target is ignored: the ignored positions were compacted away
-    return row_grad(z, t_local, lse, ent, g_lp, g_h, temperature, never, dz)
+    return row_grad(z, targets, lse, ent, g_lp, g_h, temperature, never, dz, col_offset=c0)
 
 
 def backward_plan(n: int, v: int, d: int, elem: int, need_h: bool, fp32_hidden_grad: bool,
@@ -724,7 +718,7 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
             w_slice = weight[c0:c1]
             if gemm_mode:
                 dz = _dz_gemm(buf, hc_chunk, w_slice.to(cdt), None if b_c is None else b_c[c0:c1],
-                              t_v[r0:r1] - c0, lse_v[r0:r1], ent_v[r0:r1],
+                              t_v[r0:r1], c0, lse_v[r0:r1], ent_v[r0:r1],
                               None if g_lp_v is None else g_lp_v[r0:r1], None if g_h_v is None else g_h_v[r0:r1],
                               temperature, cdt)
             else:

@@ -130,6 +130,7 @@ def _logits_bwd_kernel(
     V,
     temperature,
     ignore_index,
+    col_offset,
     BLOCK_V: tl.constexpr,
     HAS_G_LP: tl.constexpr,
     HAS_G_H: tl.constexpr,
@@ -164,7 +165,7 @@ def _logits_bwd_kernel(
             p = tl.exp(z - lse)
             dz = tl.zeros([BLOCK_V], dtype=tl.float32)
             if HAS_G_LP:
-                dz = g_lp * (tl.where(cols == y, 1.0, 0.0) - p)
+                dz = g_lp * (tl.where(cols + col_offset == y, 1.0, 0.0) - p)
             if HAS_G_H:
                 # p (log p + H); a -inf logit has p = 0 and contributes exactly 0 (not 0 * -inf).
                 ent = p * (tl.where(z == -float("inf"), lse, z) - lse + h)
@@ -183,20 +184,25 @@ def _num_warps(block_v: int) -> int:
     return 4 if block_v <= 1024 else (8 if block_v <= 4096 else 16)
 
 
-def row_stats(logits, targets, temperature, ignore_index, want_mean=False, want_top1=False, want_lssp=False):
+def row_stats(logits, targets, temperature, ignore_index, want_mean=False, want_top1=False, want_lssp=False,
+              out=None):
     """One read pass over ``logits [n, V]``: fp32 ``(logprobs, entropy, lse, mean, top1, lssp)`` per row.
 
-    The extras are None unless asked for; rows whose target is ``ignore_index`` give 0 (``False``).
+    The extras are None unless asked for; rows whose target is ``ignore_index`` give 0 (``False``). ``out``: the
+    six tensors to write into (contiguous ``[n]``; None where not wanted) instead of new ones.
     """
     n, v = logits.shape
     dev = logits.device
     f32 = dict(device=dev, dtype=torch.float32)
-    logprobs = torch.empty(n, **f32)
-    entropy = torch.empty(n, **f32)
-    lse = torch.empty(n, **f32)
-    mean = torch.empty(n, **f32) if want_mean else None
-    top1 = torch.empty(n, device=dev, dtype=torch.bool) if want_top1 else None
-    lssp = torch.empty(n, **f32) if want_lssp else None
+    if out is not None:
+        logprobs, entropy, lse, mean, top1, lssp = out
+    else:
+        logprobs = torch.empty(n, **f32)
+        entropy = torch.empty(n, **f32)
+        lse = torch.empty(n, **f32)
+        mean = torch.empty(n, **f32) if want_mean else None
+        top1 = torch.empty(n, device=dev, dtype=torch.bool) if want_top1 else None
+        lssp = torch.empty(n, **f32) if want_lssp else None
     if n > 0:
         block_v = _block_v(v)
         _logits_fwd_kernel[(n,)](
@@ -222,10 +228,11 @@ def row_stats(logits, targets, temperature, ignore_index, want_mean=False, want_
     return logprobs, entropy, lse, mean, top1, lssp
 
 
-def row_grad(logits, targets, lse, entropy, g_lp, g_h, temperature, ignore_index, out):
+def row_grad(logits, targets, lse, entropy, g_lp, g_h, temperature, ignore_index, out, col_offset=0):
     """Write ``d(sum g_lp lp + g_H H) / d logits`` of every row into ``out [n, V]`` (any float dtype; may be
     ``logits`` itself: each element is read before it is written, by the same program). ``g_lp``/``g_h``: fp32
-    ``[n]`` or None (that term is compiled out). Rows whose target is ``ignore_index`` get 0."""
+    ``[n]`` or None (that term is compiled out). Rows whose target is ``ignore_index`` get 0. ``col_offset``: the
+    vocabulary index of ``logits``' first column (a vocabulary chunk's), against which the targets are matched."""
     n, v = logits.shape
     if n == 0:
         return out
@@ -244,6 +251,7 @@ def row_grad(logits, targets, lse, entropy, g_lp, g_h, temperature, ignore_index
         v,
         temperature,
         ignore_index,
+        col_offset,
         BLOCK_V=block_v,
         HAS_G_LP=g_lp is not None,
         HAS_G_H=g_h is not None,
