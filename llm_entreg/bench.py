@@ -109,6 +109,10 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
     return base, (param or None)
 
 
+_TRITON_KNOBS = ("MIN_SPLITS", "DZ_GROUP", "SPLIT_FASTEST", "GEMM_BUFFER_BYTES", "ACC_BYTES")
+_TRITON_KNOB_DEFAULTS: dict = {}
+
+
 def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=None) -> tuple[Impl | None, str]:
     """The :class:`Impl` of ``spec`` on ``device``, or ``(None, reason)`` when it cannot run here."""
     base, param = _parse_spec(spec)
@@ -170,9 +174,11 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
             return None, f"llm_entreg.ops.triton_linear not importable: {exc}"
 
         fwd_cfg = dz_cfg = None
-        knobs = {"MIN_SPLITS": triton_linear.MIN_SPLITS, "DZ_GROUP": triton_linear.DZ_GROUP,
-                 "SPLIT_FASTEST": triton_linear.SPLIT_FASTEST, "GEMM_BUFFER_BYTES": triton_linear.GEMM_BUFFER_BYTES,
-                 "ACC_BYTES": triton_linear.ACC_BYTES}
+        # the module's own values, read once: an earlier implementation's prepare() changes them (bench_sizes resolves
+        # the implementations again at every point)
+        if not _TRITON_KNOB_DEFAULTS:
+            _TRITON_KNOB_DEFAULTS.update({k: getattr(triton_linear, k) for k in _TRITON_KNOBS})
+        knobs = dict(_TRITON_KNOB_DEFAULTS)
         defaults = dict(knobs)
         mode = None  # the device default (head_mode); a forced tile configuration or split/group knob means "tiles"
         if param:
@@ -206,7 +212,11 @@ def resolve_impl(spec: str, device: torch.device, token_chunk=None, vocab_chunk=
                     knobs[name] = int(value)
             except ValueError as exc:
                 raise ValueError(f"--impls: {spec!r}: {exc}") from None
-            if mode is None and (parts or any(knobs[k] != defaults[k] for k in ("MIN_SPLITS", "DZ_GROUP", "SPLIT_FASTEST"))):
+            tiles_knobs = parts or any(knobs[k] != defaults[k] for k in ("MIN_SPLITS", "DZ_GROUP", "SPLIT_FASTEST"))
+            if mode == "gemm" and tiles_knobs:
+                raise ValueError(f"--impls: {spec!r}: tile configurations and splitsN/groupN/tokenfirst apply to the "
+                                 "tiles mode, not +gemm")
+            if mode is None and tiles_knobs:
                 mode = "tiles"
         if device.type != "cuda":
             return None, "CUDA only (on the CPU Triton runs only under TRITON_INTERPRET=1, far too slow to time)"
@@ -975,7 +985,21 @@ def run_bench(args: argparse.Namespace, argv: list[str] | None = None, log: Call
     log("")
     log(md)
     log(f"wrote {report['files']['json']} and {report['files']['markdown']}")
+    _restore_triton_defaults()
     return report
+
+
+def _restore_triton_defaults() -> None:
+    """Undo what the ``ours_triton@...`` implementations' ``prepare()`` set (mode, tile configurations, knobs)."""
+    if not _TRITON_KNOB_DEFAULTS:
+        return
+    from llm_entreg.ops import triton_linear
+
+    triton_linear.set_head_mode(None)
+    for kernel in triton_linear.KERNELS:
+        triton_linear.set_kernel_config(kernel, None)
+    for name, value in _TRITON_KNOB_DEFAULTS.items():
+        setattr(triton_linear, name, value)
 
 
 def _median(res: dict, mode: str, key: str = "median_s"):

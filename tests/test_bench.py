@@ -167,6 +167,7 @@ def test_triton_spec_is_parsed_then_skipped_on_cpu_with_its_reason():
         assert impl is None and "CUDA" in reason, spec
     for bad in ("ours_triton@128x128", "ours_triton@64x64x32/64x64x32/64x64x32", "ours_triton@+split4",
                 "ours_triton@+tokenlast",
-                "ours_triton@+group0", "ours_triton@+buf0", "ours_triton@+gemmm"):
+                "ours_triton@+group0", "ours_triton@+buf0", "ours_triton@+gemmm",
+                "ours_triton@64x64x32+gemm", "ours_triton@+gemm+splits2"):
         with pytest.raises(ValueError, match="--impls"):
             bench.resolve_impl(bad, torch.device("cpu"))

@@ -116,7 +116,9 @@ def set_head_mode(mode: str | None) -> None:
 
 def head_mode(device: torch.device) -> str:
     """The mode the head runs in: override, else ``LLM_ENTREG_TRITON_HEAD``, else "gemm" on CUDA, "tiles" elsewhere
-    (under the interpreter the tiles kernels are what needs testing; both modes are tested there)."""
+    (under the interpreter the tiles kernels are what needs testing; both modes are tested there) and on a torch
+    without ``mm(..., out_dtype=float32)`` (before 2.8, or once a call has failed): there the fp32 logits would need
+    fp32 copies of the operands."""
     if _MODE_OVERRIDE[0] is not None:
         return _MODE_OVERRIDE[0]
     env = os.environ.get("LLM_ENTREG_TRITON_HEAD")
@@ -124,7 +126,7 @@ def head_mode(device: torch.device) -> str:
         if env not in HEAD_MODES:
             raise ValueError(f"LLM_ENTREG_TRITON_HEAD: expected one of {HEAD_MODES}, got {env!r}")
         return env
-    return "gemm" if device.type == "cuda" else "tiles"
+    return "gemm" if device.type == "cuda" and _MM_OUT_F32[0] else "tiles"
 
 
 def set_kernel_config(kernel: str, config: "KernelConfig | str | None") -> None:
@@ -499,6 +501,8 @@ def _logits_f32_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: tor
             try:
                 torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
                 done = True
+            except torch.OutOfMemoryError:
+                raise
             except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm(out_dtype=, out=)
                 _MM_OUT_F32[0] = False
         if not done:
@@ -509,7 +513,16 @@ def _logits_f32_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: tor
     return out
 
 
-_MM_OUT_F32 = [True]
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return got >= (major, minor)
+
+
+#: Whether ``torch.mm(..., out_dtype=float32, out=...)`` is usable (torch >= 2.8; cleared when a call fails).
+_MM_OUT_F32 = [_torch_at_least(2, 8)]
 
 
 def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, want_mean, want_top1, want_lssp):
@@ -522,8 +535,8 @@ def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, wa
     dev = h.device
     f32 = dict(device=dev, dtype=torch.float32)
     tc = max(1, min(n, GEMM_BUFFER_BYTES // (4 * v)))
-    if tc >= 256:
-        tc = tc // 128 * 128  # whole GEMM tiles
+    if 256 <= tc < n:
+        tc = tc // 128 * 128  # several chunks: whole GEMM tiles
     buf = torch.empty(tc * v, **f32)
     w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
     b = None if bias is None else bias.to(compute_dtype).float()
@@ -567,8 +580,9 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
 def _dz_gemm(buf, h, w, b, targets, c0, lse, ent, g_lp, g_h, temperature, cdt):
     """The "gemm" mode's ``dz`` of one chunk: the fp32 logits ``h @ w.T (+ b)`` by one GEMM into ``buf``, then
     ``triton_logits.row_grad`` writes ``dz`` in the compute dtype **in place**: row ``r``'s values go to the first
-    ``2 x cols`` bytes of its own fp32 row (each element is read before any write that overlaps it, by the same
-    program), so ``dz`` is a strided ``[rows, cols]`` view (leading dimension ``2 x cols``) that cuBLAS takes as is.
+    ``2 x cols`` bytes of its own fp32 row (the row kernel puts a barrier between each block's loads and its stores,
+    so no warp overwrites logits another warp has yet to read), so ``dz`` is a strided ``[rows, cols]`` view
+    (leading dimension ``2 x cols``) that cuBLAS takes as is.
     ``c0``: the chunk's first vocabulary column (a target outside ``[c0, c0 + cols)``: no indicator term here)."""
     from .triton_logits import row_grad
 
@@ -715,9 +729,9 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
             gh_out = gh_v[r0:r1] if gh_acc is None else gh_acc[: r1 - r0]
         for ci, c0 in enumerate(range(0, v, vc)):
             c1 = min(c0 + vc, v)
-            w_slice = weight[c0:c1]
+            w_slice = weight[c0:c1].to(cdt)  # a view when the weight is in the compute dtype
             if gemm_mode:
-                dz = _dz_gemm(buf, hc_chunk, w_slice.to(cdt), None if b_c is None else b_c[c0:c1],
+                dz = _dz_gemm(buf, hc_chunk, w_slice, None if b_c is None else b_c[c0:c1],
                               t_v[r0:r1], c0, lse_v[r0:r1], ent_v[r0:r1],
                               None if g_lp_v is None else g_lp_v[r0:r1], None if g_h_v is None else g_h_v[r0:r1],
                               temperature, cdt)
@@ -740,7 +754,7 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
                     **_tile_launch_args(cfg, cdt, d, h_chunk.is_cuda),
                 )  # fmt: skip
             if need_h:
-                _gemm(gh_out, dz, w_slice.to(cdt), accumulate=ci > 0)
+                _gemm(gh_out, dz, w_slice, accumulate=ci > 0)
             if need_w:
                 if gw_acc is not None:
                     _gemm(gw_acc[c0:c1], dz.t(), hc_chunk, accumulate=True)

@@ -135,6 +135,7 @@ def _logits_bwd_kernel(
     HAS_G_LP: tl.constexpr,
     HAS_G_H: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    NARROW_IN_PLACE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
@@ -173,6 +174,11 @@ def _logits_bwd_kernel(
             dz = dz * inv_t
             if ROUND_BF16:
                 dz = round_to_bf16(dz)
+            if NARROW_IN_PLACE:
+                # dz (2 bytes) over the fp32 logits of this row: the store of column c lands on the fp32 element
+                # c // 2, which another warp may not have loaded yet. Every warp of the program has loaded this block
+                # (and all earlier ones) once all reach the barrier; the block's stores touch only those columns.
+                tl.debug_barrier()
             tl.store(out_row + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=in_v)
 
 
@@ -228,11 +234,20 @@ def row_stats(logits, targets, temperature, ignore_index, want_mean=False, want_
     return logprobs, entropy, lse, mean, top1, lssp
 
 
+def _shares_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors view the same storage (only then can a narrower ``out`` overwrite unread logits)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def row_grad(logits, targets, lse, entropy, g_lp, g_h, temperature, ignore_index, out, col_offset=0):
     """Write ``d(sum g_lp lp + g_H H) / d logits`` of every row into ``out [n, V]`` (any float dtype; may be
     ``logits`` itself: each element is read before it is written, by the same program). ``g_lp``/``g_h``: fp32
     ``[n]`` or None (that term is compiled out). Rows whose target is ``ignore_index`` get 0. ``col_offset``: the
-    vocabulary index of ``logits``' first column (a vocabulary chunk's), against which the targets are matched."""
+    vocabulary index of ``logits``' first column (a vocabulary chunk's), against which the targets are matched.
+
+    ``out`` may also be a narrower view over ``logits``' own bytes (bf16 ``dz`` over fp32 logits, row ``r`` in the
+    first half of fp32 row ``r``): the kernel then puts a barrier between each block's loads and its stores, since
+    the store of column ``c`` overwrites the fp32 element ``c // 2``, which another warp of the program loads."""
     n, v = logits.shape
     if n == 0:
         return out
@@ -256,6 +271,7 @@ def row_grad(logits, targets, lse, entropy, g_lp, g_h, temperature, ignore_index
         HAS_G_LP=g_lp is not None,
         HAS_G_H=g_h is not None,
         ROUND_BF16=out.dtype == torch.bfloat16 and not out.is_cuda,
+        NARROW_IN_PLACE=_shares_bytes(out, logits) and out.element_size() < logits.element_size(),
         num_warps=_num_warps(block_v),
     )
     return out

@@ -221,6 +221,75 @@ def test_logits_kernel_all_ignored():
 # ---------------------------------------------------------------- fused LM head
 
 
+_COMPILE_ROW_GRAD = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llm_entreg.ops import triton_logits
+
+fn = triton_logits._logits_bwd_kernel
+sig = {"logits_ptr": "*fp32", "stride_n": "i64", "stride_v": "constexpr", "targets_ptr": "*i64",
+       "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "g_lp_ptr": "*fp32", "g_h_ptr": "*fp32",
+       "dlogits_ptr": "*bf16", "stride_dn": "i64", "V": "i32", "temperature": "fp32", "ignore_index": "i64",
+       "col_offset": "i32", "BLOCK_V": "constexpr", "HAS_G_LP": "constexpr", "HAS_G_H": "constexpr",
+       "ROUND_BF16": "constexpr", "NARROW_IN_PLACE": "constexpr"}
+out = {}
+for narrow in (False, True):
+    const = {"stride_v": 1, "BLOCK_V": 4096, "HAS_G_LP": True, "HAS_G_H": True, "ROUND_BF16": False,
+             "NARROW_IN_PLACE": narrow}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    out[str(narrow)] = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+print("PTX" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_in_place_bf16_dz_has_a_barrier_between_loads_and_stores():
+    """The gemm mode writes bf16 dz over the fp32 logits of the same row: the store of column c overwrites fp32
+    element c // 2, which another warp loads. Compiled for Hopper (sm_90, no GPU needed: Triton's bundled ptxas, in a
+    process without the interpreter), the kernel must put a CTA barrier between the block's loads and its stores.
+    The interpreter runs a block as one array operation and cannot show the race."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_ROW_GRAD], cwd=Path(__file__).resolve().parents[2],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or "PTX" not in proc.stdout:
+        pytest.skip(f"cannot compile for sm_90 here (a Triton build without the NVIDIA backend or ptxas?): "
+                    f"{proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else proc.stdout[-200:]}")
+    ptx = json.loads(proc.stdout.split("PTX", 1)[1])
+    plain, narrow = ptx["False"], ptx["True"]
+    assert plain.count("bar.sync") == 0
+    assert narrow.count("bar.sync") == 1
+    lines = narrow.splitlines()
+    barrier = next(i for i, line in enumerate(lines) if "bar.sync" in line)
+    loads = [i for i, line in enumerate(lines) if "ld.global" in line and ".b32" in line]
+    stores = [i for i, line in enumerate(lines) if "st.global" in line and ".b16" in line]
+    # every load of the logits comes before the barrier and the dz stores of the loop after it (the stores before
+    # it are the ignored-row branch, which writes zeros and reads nothing)
+    assert loads and max(loads) < barrier
+    assert len([i for i in stores if i > barrier]) >= 8
+
+
+@needs_kernels
+def test_row_grad_into_a_narrower_view_of_the_logits():
+    """row_grad with out = a bf16 view over the fp32 logits' own bytes (the gemm mode's layout) = into a separate
+    buffer, over several blocks per row."""
+    gen = torch.Generator().manual_seed(5)
+    n, v = 6, 150  # MAX_BLOCK_V = 64 here: three blocks per row
+    z = torch.randn(n, v, generator=gen).to(DEVICE)
+    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    lp, ent, lse, *_ = triton_logits.row_stats(z, targets, 1.0, -100)
+    g1, g2 = torch.randn(n, generator=gen).to(DEVICE), torch.randn(n, generator=gen).to(DEVICE)
+    separate = torch.empty(n, v, dtype=torch.bfloat16, device=DEVICE)
+    triton_logits.row_grad(z, targets, lse, ent, g1, g2, 1.0, -100, separate)
+    narrow = z.view(torch.bfloat16).view(n, 2 * v)[:, :v]
+    got = triton_logits.row_grad(z, targets, lse, ent, g1, g2, 1.0, -100, narrow)
+    assert got.data_ptr() == z.data_ptr()
+    torch.testing.assert_close(got, separate, atol=0, rtol=0)
+
+
 LINEAR_CASES = [
     # id, seed, input dtype, autocast dtype, bias ("none", "finite", "masked"), temperature, grads, extras
     ("fp32-bias-both", 31, torch.float32, None, "finite", 1.0, "both", EXTRAS),
@@ -337,6 +406,50 @@ def test_linear_kernel_matches_float64_reference(case, head_mode):
     assert (got[0][~valid] == 0).all(), "ignored tokens must get zero grad_hidden"
     if bias_kind == "masked":
         assert (got[2][:192] == 0).all() and (got[1][250:260] == 0).all(), "-inf columns must get zero gradient"
+
+
+GEMM_EDGE_CASES = ["fp16-bias-T", "non-contiguous-hidden", "single-token", "all-ignored"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", GEMM_EDGE_CASES)
+def test_gemm_mode_edge_cases(monkeypatch, case):
+    """The gemm mode (buffer of 5 fp32 rows: several forward and backward chunks) on inputs the main cases do not
+    cover, against float64: fp16 with a bias and a temperature, a strided hidden state, one token, every target
+    ignored."""
+    monkeypatch.setattr(triton_linear, "_MODE_OVERRIDE", ["gemm"])
+    monkeypatch.setattr(triton_linear, "GEMM_BUFFER_BYTES", 5 * 301 * 4)
+    monkeypatch.setattr(triton_linear, "ACC_BYTES", 5 * 24 * 4)
+    monkeypatch.setattr(triton_linear, "MIN_TOKEN_CHUNK", 4)
+    monkeypatch.setattr(triton_linear, "VOCAB_ALIGN", 64)
+    gen = torch.Generator().manual_seed(77)
+    dtype = torch.float16 if case == "fp16-bias-T" else torch.float32
+    hidden, weight, bias, targets = _linear_inputs(gen, dtype, "finite" if case == "fp16-bias-T" else "none")
+    temperature = 0.7 if case == "fp16-bias-T" else 1.0
+    if case == "non-contiguous-hidden":
+        hidden = torch.randn(37, 48, generator=gen)[:, ::2]
+        assert not hidden.is_contiguous()
+    elif case == "single-token":
+        hidden, targets = hidden[:1], targets[:1]
+    elif case == "all-ignored":
+        targets = torch.full_like(targets, IGNORE)
+    params = [t.to(DEVICE).requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
+    targets = targets.to(DEVICE)
+    stats = linear_token_stats(params[0], params[1], targets, bias=params[2] if bias is not None else None,
+                               temperature=temperature, backend="triton", extras=EXTRAS)
+    ref_params = [t.detach().double().requires_grad_(True) for t in params]
+    ref = reference_linear_token_stats(ref_params[0], ref_params[1], targets,
+                                       bias=ref_params[2] if bias is not None else None, temperature=temperature,
+                                       dtype=torch.float64, extras=EXTRAS)
+    valid = targets != IGNORE
+    _check_forward(stats, ref, valid, EXTRAS, "gemm mode")
+    g1, g2 = (torch.randn(targets.shape, generator=gen).to(DEVICE) for _ in range(2))
+    got = torch.autograd.grad((g1 * stats.logprobs).sum() + (g2 * stats.entropy).sum(), params)
+    exp = torch.autograd.grad((g1.double() * ref.logprobs).sum() + (g2.double() * ref.entropy).sum(), ref_params)
+    for name, g, e, p in zip(("hidden", "weight", "bias"), got, exp, params):
+        _grad_close(g, e, p.dtype, f"grad_{name}", dtype)
+    if case == "all-ignored":
+        assert all((g == 0).all() for g in got)
 
 
 BACKWARD_CHUNK_CASES = [
