@@ -288,30 +288,45 @@ class _ChunkedLinear(torch.autograd.Function):
         )
 
 
-def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``h @ w.T + b``; for half-precision operands an **fp32** result (fp32 accumulation, not rounded to bf16/fp16).
 
     Rounding the logits to bf16 would move log-probs by ~1e-2 (the spacing of bf16 near |z| ~ 10): a 1% error in
     PPO/GRPO ratios. The Triton head keeps its tiles in fp32; this keeps the torch paths equal to it. CUDA:
     ``torch.mm(..., out_dtype=float32)``; CPU: the operands upcast first (products of half-precision values are
     exact in fp32). fp32 and fp64 operands: the plain product in their dtype. ``b`` is in the operands' dtype.
+    ``out``: a buffer of the result's shape and dtype to write into instead of a new tensor.
     """
+    where = {} if out is None else {"out": out}
     if h.dtype in (torch.float32, torch.float64):
-        return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+        return torch.mm(h, w.t(), **where) if b is None else torch.addmm(b, h, w.t(), **where)
     z = None
     if h.is_cuda and _OUT_DTYPE_MM[0]:
         try:
-            z = torch.mm(h, w.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
+            z = torch.mm(h, w.t(), out_dtype=torch.float32, **where)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm(out_dtype=): upcast instead
             _OUT_DTYPE_MM[0] = False
     if z is None:
-        z = h.float() @ w.float().t()
+        z = torch.mm(h.float(), w.float().t(), **where)
     if b is not None:
         z.add_(b)
     return z
 
 
-_OUT_DTYPE_MM = [True]
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        got = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return got >= (major, minor)
+
+
+#: Whether ``torch.mm(..., out_dtype=float32)`` is usable (torch >= 2.8; cleared when a call fails). The Triton head's
+#: gemm mode is the CUDA default only while it is.
+_OUT_DTYPE_MM = [_torch_at_least(2, 8)]
 _OUT_DTYPE_ADDMM = [True]
 
 

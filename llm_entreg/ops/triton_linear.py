@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 
 from ._common import TokenStats, gathered_params
+from . import chunked
 from .chunked import _addmm_f32
+from .chunked import _logits_tile as _logits_f32
 from .triton_logits import round_to_bf16
 
 #: Tile sizes under the Triton interpreter (CPU tensors) and the fallback elsewhere; tests lower them so that every
@@ -126,7 +128,7 @@ def head_mode(device: torch.device) -> str:
         if env not in HEAD_MODES:
             raise ValueError(f"LLM_ENTREG_TRITON_HEAD: expected one of {HEAD_MODES}, got {env!r}")
         return env
-    return "gemm" if device.type == "cuda" and _MM_OUT_F32[0] else "tiles"
+    return "gemm" if device.type == "cuda" and chunked._OUT_DTYPE_MM[0] else "tiles"
 
 
 def set_kernel_config(kernel: str, config: "KernelConfig | str | None") -> None:
@@ -491,40 +493,6 @@ def _forward_stats(h, weight, bias, targets, temperature, compute_dtype, want_me
     return out
 
 
-def _logits_f32_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``out = h @ w.T (+ b)`` in fp32 from ``h``/``w`` in the compute dtype (fp32 accumulation, one fp32 result)."""
-    if h.dtype == torch.float32:
-        torch.mm(h, w.t(), out=out)
-    else:
-        done = False
-        if h.is_cuda and _MM_OUT_F32[0]:
-            try:
-                torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
-                done = True
-            except torch.OutOfMemoryError:
-                raise
-            except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm(out_dtype=, out=)
-                _MM_OUT_F32[0] = False
-        if not done:
-            out.zero_()
-            _addmm_f32(out, h, w.t())
-    if b is not None:
-        out.add_(b)
-    return out
-
-
-def _torch_at_least(major: int, minor: int) -> bool:
-    try:
-        got = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    except ValueError:
-        return True
-    return got >= (major, minor)
-
-
-#: Whether ``torch.mm(..., out_dtype=float32, out=...)`` is usable (torch >= 2.8; cleared when a call fails).
-_MM_OUT_F32 = [_torch_at_least(2, 8)]
-
-
 def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, want_mean, want_top1, want_lssp):
     """:func:`_forward_stats` in the "gemm" mode: per token chunk one cuBLAS GEMM into the fp32 logits buffer, then
     one read pass of ``triton_logits.row_stats`` over the full rows."""
@@ -539,7 +507,7 @@ def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, wa
         tc = tc // 128 * 128  # several chunks: whole GEMM tiles
     buf = torch.empty(tc * v, **f32)
     w = weight if weight.dtype == compute_dtype else weight.to(compute_dtype)
-    b = None if bias is None else bias.to(compute_dtype).float()
+    b = None if bias is None else bias.to(compute_dtype)
     out = {"lse": torch.empty(n, **f32), "logprobs": torch.empty(n, **f32), "entropy": torch.empty(n, **f32)}
     if want_mean:
         out["mean_logits"] = torch.empty(n, **f32)
@@ -550,7 +518,7 @@ def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, wa
     never = -(2**62)  # every target here is valid
     for r0 in range(0, n, tc):
         r1 = min(r0 + tc, n)
-        z = _logits_f32_into(buf[: (r1 - r0) * v].view(r1 - r0, v), h[r0:r1].to(compute_dtype), w, b)
+        z = _logits_f32(h[r0:r1].to(compute_dtype), w, b, out=buf[: (r1 - r0) * v].view(r1 - r0, v))
         views = [None if key not in out else out[key][r0:r1]
                  for key in ("logprobs", "entropy", "lse", "mean_logits", "is_top1", "log_sum_sq_probs")]
         row_stats(z, targets[r0:r1], temperature, never, want_mean, want_top1, want_lssp, out=views)
@@ -587,7 +555,7 @@ def _dz_gemm(buf, h, w, b, targets, c0, lse, ent, g_lp, g_h, temperature, cdt):
     from .triton_logits import row_grad
 
     rows, cols = h.shape[0], w.shape[0]
-    z = _logits_f32_into(buf[: rows * cols].view(rows, cols), h, w, b)
+    z = _logits_f32(h, w, b, out=buf[: rows * cols].view(rows, cols))
     if cdt == torch.float32:
         dz = z
     else:
@@ -702,7 +670,7 @@ def _linear_backward(hidden, weight, bias, idx, t_v, lse_v, ent_v, g_lp, g_h, te
     n_voc_chunks = triton.cdiv(v, vc)
     cfg = kernel_config("dz", dev, cdt)
     buf = torch.empty(min(tc, n_valid) * vc, device=dev, dtype=torch.float32 if gemm_mode else cdt)
-    b_c = None if bias is None or not gemm_mode else bias.to(cdt).float()
+    b_c = None if bias is None or not gemm_mode else bias.to(cdt)
     # grad_hidden of the valid rows: written per token chunk, through an fp32 accumulator over vocabulary chunks
     gh_v = gh_acc = gw = gw_acc = gb = None
     if need_h:
