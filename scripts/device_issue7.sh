@@ -70,7 +70,8 @@ MAIN_IMPLS=${ISSUE7_MAIN_IMPLS:-naive,trl_chunked,ours_chunked,ours_triton,ours_
 stage probe 60 20 python3 scripts/device_probe.py --out "$OUT/probe.json"
 stage main 200 90 python3 scripts/bench_entropy.py "${CASE[@]}" --verbose --impls "$MAIN_IMPLS" \
   --check-sampled 128 --check-tokens 32 --repeats 7 --warmup 1 --memory fwdbwd --out "$OUT/main"
-stage profile 60 30 python3 scripts/profile_head.py
+stage profile 90 40 python3 scripts/profile_head.py --n 16384 --d 4096 --vocab 151936 --dtype bf16 \
+  --impls ours_triton,trl_chunked,ours_fused_loss --rounds 2 --out "$OUT/profile"
 stage tests 80 40 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backend.py tests/ops/test_fused_loss.py
 if command -v compute-sanitizer > /dev/null; then
   # the caching allocator pools small tensors in big blocks, which hides small out-of-bounds accesses from memcheck

@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Where the fused head's time goes: one forward+backward per mode under torch.profiler, kernels by GPU time.
+"""Where a fused head's wall time goes, in one process: timed steps with GPU clock samples, host issue time, and one
+profiled step's kernel time and idle gaps (``llm_entreg.bench_profile``). CUDA only.
 
-    python scripts/profile_head.py --n 16384 --d 4096 --vocab 151936 --modes gemm,tiles
+    python scripts/profile_head.py --n 16384 --d 4096 --vocab 151936 \
+        --impls ours_triton,trl_chunked,ours_triton@+tiles --rounds 2 --out /tmp/profile
 
-Prints, per mode, the kernels sorted by total GPU time (cuBLAS GEMMs, the Triton row kernels, the tile kernels,
-elementwise torch ops), so the gap to the 8NdV floor can be put on its pieces. CUDA only.
+Implementations are the bench's specs (``scripts/bench_entropy.py --impls``), run in turn ``--rounds`` times on the
+same inputs. Per run it prints the wall median, the host issue time, kernels + gaps of one profiled step, the SM
+clock, power and clock-event reasons during the timed steps, and the kernels by GPU time.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm_entreg.ops import linear_logprob_and_entropy, triton_linear  # noqa: E402
+from llm_entreg import bench_profile  # noqa: E402
+from llm_entreg.bench import DTYPES  # noqa: E402
 
 
 def main() -> int:
@@ -25,37 +29,18 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--modes", default="gemm,tiles")
-    ap.add_argument("--rows", type=int, default=14)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--impls", default="ours_triton,trl_chunked")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per run (median)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="times every implementation runs, in turn")
+    ap.add_argument("--out", type=Path, default=None, help="folder for profile.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("CUDA only")
+        print("profile_head.py: CUDA only (kernel times and GPU clocks); nothing to do here")
         return 0
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(args.n, args.d, device="cuda", generator=gen).bfloat16().requires_grad_(True)
-    w = (torch.randn(args.vocab, args.d, device="cuda", generator=gen) / args.d**0.5).bfloat16().requires_grad_(True)
-    t = torch.randint(0, args.vocab, (args.n,), device="cuda", generator=gen)
-    g1, g2 = torch.randn(args.n, device="cuda"), torch.randn(args.n, device="cuda")
-
-    def step():
-        lp, ent = linear_logprob_and_entropy(h, w, t, backend="triton")
-        ((g1 * lp).sum() + (g2 * ent).sum()).backward()
-        h.grad = w.grad = None
-
-    for mode in args.modes.split(","):
-        triton_linear.set_head_mode(mode)
-        step()
-        step()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        ev = prof.key_averages()
-        total = sum(e.device_time_total for e in ev) / 1e3
-        print(f"### mode {mode}: {total:.1f} ms of GPU kernels in one fwd+bwd "
-              f"(N={args.n}, d={args.d}, V={args.vocab}, bf16)")
-        print(ev.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60))
-    triton_linear.set_head_mode(None)
+    bench_profile.run([s for s in args.impls.split(",") if s], args.n, args.d, args.vocab, DTYPES[args.dtype],
+                      args.steps, args.warmup, args.rounds, args.out)
     return 0
 
 

@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_device_script_dry_run(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "ISSUE7_DRY": "1", "ISSUE7_STAGES": "probe main sizes",
+    env = {**os.environ, "OUT": str(tmp_path), "ISSUE7_DRY": "1", "ISSUE7_STAGES": "probe main profile sizes",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "device_issue7.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text()
-    for name in ("probe", "main", "sizes"):
+    for name in ("probe", "main", "profile", "sizes"):  # profile: CUDA only, says so and exits 0
         assert f"== {name} rc=0" in summary, summary
     report = json.loads(next((tmp_path / "main").glob("bench_*.json")).read_text())
     assert report["config"]["check_sampled"] == 128
