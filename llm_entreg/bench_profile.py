@@ -5,8 +5,8 @@ process's wall time. That difference mixes real gaps with clock changes between 
 rate moved 680-809 TFLOP/s between processes on the same H200). This measures both in the same process, per
 implementation:
 
-- ``wall``: median of timed forward+backward steps (CUDA events), while ``nvidia-smi -lms`` samples the SM clock,
-  the power draw and the clock-event reasons (power cap, thermal slowdown);
+- ``wall``: median of timed forward+backward steps (CUDA events), while ``nvidia-smi`` samples the SM clock, the
+  power draw and the clock-event reasons (power cap, thermal slowdown) every ~50 ms;
 - ``host``: the time the host takes to issue one step (the GPU runs asynchronously: host well below wall means the
   step is not bound by Python or launch overhead, so CUDA graphs would not buy anything);
 - ``kernels``: one profiled step's summed GPU kernel time, with the wall of that same step; ``gap`` = wall - kernels
@@ -22,6 +22,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -119,44 +120,61 @@ def smi_fields(index: int = 0) -> tuple[str, ...] | None:
 
 
 class ClockSampler:
-    """``with ClockSampler(cmd, fields) as s: ...`` runs ``cmd`` (a streaming ``nvidia-smi -lms``) for the block;
-    ``s.samples`` then holds its parsed lines. ``cmd`` None: a no-op (no samples)."""
+    """``with ClockSampler(cmd, fields) as s: ...`` runs ``cmd`` (one ``nvidia-smi --query-gpu`` sample) over and
+    over in a thread for the duration of the block; ``s.samples`` then holds the parsed lines. A fresh process per
+    sample, rather than ``nvidia-smi -lms``: a looping nvidia-smi writing into a pipe may buffer its output and lose it
+    when stopped. ``cmd`` None: a no-op (no samples)."""
 
-    def __init__(self, cmd: list[str] | None, fields=SMI_FIELDS):
+    def __init__(self, cmd: list[str] | None, fields=SMI_FIELDS, period_s: float = 0.05):
         self.cmd = cmd
         self.fields = fields
+        self.period_s = period_s
         self.samples: list[dict] = []
-        self._proc = None
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = None
 
     @classmethod
-    def for_gpu(cls, index: int = 0, period_ms: int = 50) -> "ClockSampler":
+    def for_gpu(cls, index: int = 0, period_s: float = 0.05) -> "ClockSampler":
         fields = smi_fields(index)
         if fields is None:
             return cls(None)
-        cmd = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", str(index),
-               f"-lms={period_ms}"]
-        return cls(cmd, fields)
+        cmd = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", str(index)]
+        return cls(cmd, fields, period_s)
+
+    def _sample_once(self) -> bool:
+        """One sample; False (and the reason in ``errors``) when the command cannot run: sampling then stops."""
+        try:
+            proc = subprocess.run(self.cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.errors.append(f"{self.cmd[0]}: {exc!r}")
+            return False
+        if proc.returncode != 0:
+            self.errors.append(f"{self.cmd[0]}: exit {proc.returncode}: {proc.stderr.strip()[:200]}")
+            return False
+        # the older name of the reasons field is stored under the current one; a missing field as None
+        names = list(self.fields) + [None] * (len(SMI_FIELDS) - len(self.fields))
+        for line in proc.stdout.splitlines():
+            s = parse_smi_line(line, self.fields)
+            if s is not None:
+                self.samples.append({name: s.get(f) if f else None for name, f in zip(SMI_FIELDS, names)})
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set() and self._sample_once():
+            self._stop.wait(self.period_s)
 
     def __enter__(self) -> "ClockSampler":
         if self.cmd is not None:
-            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._thread = threading.Thread(target=self._loop, name="clock-sampler", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._proc is None:
+        if self._thread is None:
             return
-        self._proc.terminate()
-        try:
-            text, _ = self._proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            text, _ = self._proc.communicate()
-        fields = list(self.fields) + [None] * (len(SMI_FIELDS) - len(self.fields))
-        for line in (text or "").splitlines():
-            s = parse_smi_line(line, self.fields)
-            if s is not None:
-                # the older name of the reasons field is stored under the current one
-                self.samples.append({name: s.get(f) if f else None for name, f in zip(SMI_FIELDS, fields)})
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def kernel_time_s(prof) -> float:
@@ -217,7 +235,7 @@ def profile_impl(impl, inputs, steps: int, warmup: int, sampler_factory, rows: i
         "profiled_wall_s": prof_wall,
         "kernel_s": kernels,
         "gap_s": prof_wall - kernels,
-        "clocks": summarize_samples(sampler.samples),
+        "clocks": {**summarize_samples(sampler.samples), **({"errors": sampler.errors} if sampler.errors else {})},
         "table": prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=60),
     }
 
@@ -250,8 +268,14 @@ def run(impls: list[str], n: int, d: int, vocab: int, dtype: torch.dtype, steps:
                 trace = out / f"trace_{safe}_r{r}.json.gz"
             try:
                 res = profile_impl(impl, inputs, steps, warmup, ClockSampler.for_gpu, trace=trace)
+            except Exception as exc:  # one implementation failing (an OOM, a missing package) must not end the stage
+                log(f"## round {r} {spec}: FAILED {exc!r}")
+                report["results"].setdefault(spec, []).append({"error": repr(exc)})
+                continue
             finally:
                 _restore_triton_defaults()
+                inputs[0].grad = inputs[1].grad = None
+                torch.cuda.empty_cache()
             report["results"].setdefault(spec, []).append(res)
             c = res["clocks"]
             log(f"## round {r} {spec}: wall median {res['wall_median_s'] * 1e3:.1f} ms (min "

@@ -13,7 +13,7 @@ import pytest
 from llm_entreg import bench_profile as bp
 
 # Lines as driver 580's `nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active
-# --format=csv,noheader,nounits -lms 50` prints them.
+# --format=csv,noheader,nounits` prints them (one line per call).
 LINES = [
     "1980, 312.45, 41, 0x0000000000000000",
     "1755, 699.80, 58, 0x0000000000000004",
@@ -50,46 +50,62 @@ def test_summarize_samples():
     assert bp.summarize_samples([]) == {"samples": 0}
 
 
-def _streaming(lines, ready):
-    """A stand-in for `nvidia-smi -lms`: prints its samples, marks ``ready``, then runs until it is terminated."""
+def _fake_smi(lines, counter):
+    """A stand-in for one `nvidia-smi --query-gpu` call: prints its lines, counts its runs in ``counter``."""
     return [sys.executable, "-c",
-            "import pathlib, time\n"
-            f"for line in {list(lines)!r}:\n"
-            "    print(line, flush=True)\n"
-            f"pathlib.Path({str(ready)!r}).touch()\n"
-            "time.sleep(120)\n"]
+            "import pathlib\n"
+            f"p = pathlib.Path({str(counter)!r})\n"
+            "p.write_text(str(int(p.read_text()) + 1) if p.exists() else '1')\n"
+            f"print({chr(10).join(lines)!r})\n"]
 
 
-def _wait_for(path, timeout=60.0):
+def _wait_for_runs(counter, runs, timeout=60.0):
     deadline = time.time() + timeout
-    while not path.exists():
-        assert time.time() < deadline, "the stand-in sampler never started"
+    while not (counter.exists() and counter.read_text() and int(counter.read_text()) >= runs):
+        assert time.time() < deadline, "the stand-in sampler did not run"
         time.sleep(0.05)
 
 
-def test_clock_sampler_collects_a_streaming_command(tmp_path):
-    ready = tmp_path / "ready"
-    with bp.ClockSampler(_streaming(LINES, ready)) as s:
-        _wait_for(ready)
-    assert [x["clocks.sm"] for x in s.samples] == [1980.0, 1755.0, 1830.0]
+def test_clock_sampler_samples_until_the_block_ends(tmp_path):
+    counter = tmp_path / "runs"
+    with bp.ClockSampler(_fake_smi(LINES, counter), period_s=0.01) as s:
+        _wait_for_runs(counter, 2)
+    runs = int(counter.read_text())
+    assert runs >= 2
+    # every run's three readable lines, in order; the unreadable ones dropped
+    assert [x["clocks.sm"] for x in s.samples] == [1980.0, 1755.0, 1830.0] * runs
+    time.sleep(0.3)
+    assert int(counter.read_text()) == runs  # stopped with the block
 
 
 def test_clock_sampler_maps_the_older_reasons_name(tmp_path):
-    ready = tmp_path / "ready"
+    counter = tmp_path / "runs"
     fields = bp.SMI_FIELDS[:3] + ("clocks_throttle_reasons.active",)
-    with bp.ClockSampler(_streaming(["1700, 650, 55, 0x4"], ready), fields) as s:
-        _wait_for(ready)
-    assert s.samples == [{"clocks.sm": 1700.0, "power.draw": 650.0, "temperature.gpu": 55.0,
-                          "clocks_event_reasons.active": 4}]
+    with bp.ClockSampler(_fake_smi(["1700, 650, 55, 0x4"], counter), fields) as s:
+        _wait_for_runs(counter, 1)
+    assert s.samples[0] == {"clocks.sm": 1700.0, "power.draw": 650.0, "temperature.gpu": 55.0,
+                            "clocks_event_reasons.active": 4}
 
 
 def test_clock_sampler_without_the_reasons_field(tmp_path):
-    ready = tmp_path / "ready"
-    with bp.ClockSampler(_streaming(["1700, 650, 55"], ready), bp.SMI_FIELDS[:3]) as s:
-        _wait_for(ready)
-    assert s.samples == [{"clocks.sm": 1700.0, "power.draw": 650.0, "temperature.gpu": 55.0,
-                          "clocks_event_reasons.active": None}]
+    counter = tmp_path / "runs"
+    with bp.ClockSampler(_fake_smi(["1700, 650, 55"], counter), bp.SMI_FIELDS[:3]) as s:
+        _wait_for_runs(counter, 1)
+    assert s.samples[0] == {"clocks.sm": 1700.0, "power.draw": 650.0, "temperature.gpu": 55.0,
+                            "clocks_event_reasons.active": None}
     assert "clock_reasons" not in bp.summarize_samples(s.samples)
+
+
+def test_clock_sampler_records_a_failing_command():
+    with bp.ClockSampler(["/nonexistent/nvidia-smi"], period_s=0.01) as s:
+        time.sleep(0.2)
+    assert s.samples == [] and len(s.errors) == 1 and "nonexistent" in s.errors[0]  # tried once, then gave up
+
+
+def test_clock_sampler_stops_on_a_nonzero_exit():
+    with bp.ClockSampler([sys.executable, "-c", "import sys; sys.exit('no GPU found')"], period_s=0.01) as s:
+        time.sleep(0.5)
+    assert s.samples == [] and s.errors == [f"{sys.executable}: exit 1: no GPU found"]
 
 
 def test_clock_sampler_without_nvidia_smi_is_a_no_op():
