@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -101,7 +102,15 @@ def summarize_samples(samples: list[dict]) -> dict:
     return out
 
 
-def smi_fields(index: int = 0) -> tuple[str, ...] | None:
+def smi_index(visible: str | None = None) -> str:
+    """nvidia-smi's index (or UUID) of the GPU this process sees as ``cuda:0``: the first entry of
+    ``CUDA_VISIBLE_DEVICES`` when set, else 0 (nvidia-smi ignores that variable)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    first = (visible or "").split(",")[0].strip()
+    return first if first else "0"
+
+
+def smi_fields(index: int | str = 0) -> tuple[str, ...] | None:
     """The sampled fields this driver accepts (the reasons under their current or their older name), or None when
     there is no usable ``nvidia-smi``."""
     exe = shutil.which("nvidia-smi")
@@ -135,7 +144,8 @@ class ClockSampler:
         self._thread = None
 
     @classmethod
-    def for_gpu(cls, index: int = 0, period_s: float = 0.05) -> "ClockSampler":
+    def for_gpu(cls, index: int | str | None = None, period_s: float = 0.05) -> "ClockSampler":
+        index = smi_index() if index is None else index
         fields = smi_fields(index)
         if fields is None:
             return cls(None)

@@ -38,6 +38,13 @@ def test_decode_reasons():
     assert bp.decode_reasons(0x1000 | 0x1) == ["gpu_idle", "0x1000"]
 
 
+def test_smi_index_follows_cuda_visible_devices():
+    assert bp.smi_index("") == "0"
+    assert bp.smi_index("3") == "3"
+    assert bp.smi_index("2,5") == "2"
+    assert bp.smi_index("GPU-8f2c0a1e-aaaa-bbbb-cccc-000000000000") == "GPU-8f2c0a1e-aaaa-bbbb-cccc-000000000000"
+
+
 def test_summarize_samples():
     samples = [s for s in map(bp.parse_smi_line, LINES) if s]
     got = bp.summarize_samples(samples)
