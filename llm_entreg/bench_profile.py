@@ -5,14 +5,18 @@ process's wall time. That difference mixes real gaps with clock changes between 
 rate moved 680-809 TFLOP/s between processes on the same H200). This measures both in the same process, per
 implementation:
 
-- ``wall``: median of timed forward+backward steps (CUDA events), while ``nvidia-smi`` samples the SM clock, the
-  power draw and the clock-event reasons (power cap, thermal slowdown) every ~50 ms;
+- ``wall``: median of timed forward+backward steps (CUDA events), while a thread samples the SM clock, the power
+  draw and the clock-event reasons (power cap, thermal slowdown) with ``nvidia-smi`` at a fixed rate (10 Hz); only
+  the samples taken during the timed steps are summarised;
 - ``host``: the time the host takes to issue one step (the GPU runs asynchronously: host well below wall means the
-  step is not bound by Python or launch overhead, so CUDA graphs would not buy anything);
-- ``kernels``: one profiled step's summed GPU kernel time, with the wall of that same step; ``gap`` = wall - kernels
-  is the GPU's idle time between launches in that step.
+  step is not bound by Python or launch overhead). It includes the one wait of the Triton head's forward for its
+  own first kernels (the count of valid tokens);
+- ``busy``: one profiled step's GPU busy time (the union of its kernel, copy and memset intervals, so kernels that
+  overlap on several streams count once), with the wall of that same step; ``gap`` = wall - busy is the time the
+  GPU sat idle in that step.
 
-The pure parts (parsing and summarising the sampler's lines) are tested on the CPU; the rest needs CUDA.
+The pure parts (sample parsing and summaries, interval union, spec checks, the sampler thread on stand-in commands,
+the step plumbing with faked CUDA events) are tested on the CPU; the rest needs CUDA.
 """
 
 from __future__ import annotations
@@ -29,10 +33,18 @@ from pathlib import Path
 
 import torch
 
-#: nvidia-smi fields sampled during the timed steps (``clocks_event_reasons`` needs driver >= 535; older drivers
-#: take the older name, see :func:`smi_fields`).
+#: What is sampled, by position: SM clock (MHz), power (W), temperature (C), clock-event reason mask. The samples
+#: use these names whichever variant the driver accepted (see :data:`SMI_VARIANTS`).
 SMI_FIELDS = ("clocks.sm", "power.draw", "temperature.gpu", "clocks_event_reasons.active")
-#: NVML clock-event reason bits (``nvmlClocksEventReason*``), for the reasons seen during the timed steps.
+#: Field lists tried in order: the instantaneous power (newer drivers; ``power.draw`` is a 1 s average on recent
+#: GPUs), the reasons under their current name (driver >= 535), under the older name, then no reasons.
+SMI_VARIANTS = (
+    ("clocks.sm", "power.draw.instant", "temperature.gpu", "clocks_event_reasons.active"),
+    ("clocks.sm", "power.draw", "temperature.gpu", "clocks_event_reasons.active"),
+    ("clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active"),
+    ("clocks.sm", "power.draw", "temperature.gpu"),
+)
+#: NVML clock-event reason bits (``nvmlClocksEventReason*``).
 CLOCK_REASONS = {
     0x1: "gpu_idle",
     0x2: "applications_clocks_setting",
@@ -44,18 +56,21 @@ CLOCK_REASONS = {
     0x80: "hw_power_brake_slowdown",
     0x100: "display_clock_setting",
 }
+#: Reasons that are not limits: idle, the applications-clock setting, sync boost, the display clock. Every other bit
+#: (power, heat, and bits newer than this table) counts as holding the clock back.
+NOT_LIMITING = 0x1 | 0x2 | 0x10 | 0x100
 
 
 def parse_smi_line(line: str, fields=SMI_FIELDS) -> dict | None:
-    """One ``--format=csv,noheader,nounits`` line -> ``{field: float | int | None}``; None for a line that is not a
-    sample (a header, an error message). Values nvidia-smi cannot read (``[N/A]``) become None."""
+    """One ``--format=csv,noheader,nounits`` line -> ``{SMI_FIELDS[i]: value}`` by position (a shorter ``fields``
+    leaves the rest None); None for a line that is not a sample (a header, an error message). Values nvidia-smi
+    cannot read (``[N/A]``) become None."""
     parts = [p.strip() for p in line.strip().split(",")]
     if len(parts) != len(fields):
         return None
-    out: dict = {}
-    for name, raw in zip(fields, parts):
+    out: dict = {name: None for name in SMI_FIELDS}
+    for name, raw in zip(SMI_FIELDS, parts):
         if raw.startswith("[") or raw in ("", "N/A"):
-            out[name] = None
             continue
         try:
             out[name] = int(raw, 16) if raw.lower().startswith("0x") else float(raw)
@@ -76,7 +91,8 @@ def decode_reasons(mask: int) -> list[str]:
 
 
 def summarize_samples(samples: list[dict]) -> dict:
-    """Median and range of the SM clock and power, the hottest temperature, and every clock-event reason seen."""
+    """Median and range of the SM clock and power, the hottest temperature, every clock-event reason seen, and the
+    share of samples whose reasons hold the clock back."""
     out: dict = {"samples": len(samples)}
 
     def col(name):
@@ -96,61 +112,105 @@ def summarize_samples(samples: list[dict]) -> dict:
         for m in masks:
             seen |= m
         out["clock_reasons"] = decode_reasons(seen)
-        # the share of samples held back by power or heat (idle and the applications-clock setting are not limits)
-        limiting = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
-        out["limited_fraction"] = sum(1 for m in masks if m & limiting) / len(masks)
+        out["limited_fraction"] = sum(1 for m in masks if m & ~NOT_LIMITING) / len(masks)
     return out
 
 
-def smi_index(visible: str | None = None) -> str:
-    """nvidia-smi's index (or UUID) of the GPU this process sees as ``cuda:0``: the first entry of
-    ``CUDA_VISIBLE_DEVICES`` when set, else 0 (nvidia-smi ignores that variable)."""
+def in_window(samples: list[dict], t0: float, t1: float) -> list[dict]:
+    """The samples whose time stamp ``t`` lies in ``[t0, t1]``."""
+    return [s for s in samples if t0 <= s["t"] <= t1]
+
+
+def busy_time(intervals) -> float:
+    """Length of the union of ``(start, end)`` intervals (overlapping kernels on several streams count once)."""
+    total = 0.0
+    cur_start = cur_end = None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def check_specs(specs: list[str]) -> None:
+    """Raise ``ValueError`` naming the first implementation spec that the bench does not know (before any GPU
+    time is spent)."""
+    from .bench import ALL_IMPLS, _parse_spec
+
+    for spec in specs:
+        if _parse_spec(spec)[0] not in ALL_IMPLS:
+            raise ValueError(f"--impls: unknown implementation {spec!r}; choose from {', '.join(ALL_IMPLS)}")
+
+
+def smi_targets(visible: str | None = None) -> list[str]:
+    """``nvidia-smi -i`` values to try for the GPU this process sees as ``cuda:0``, best first: its UUID (from torch),
+    the first entry of ``CUDA_VISIBLE_DEVICES`` (nvidia-smi ignores that variable), then 0."""
+    out: list[str] = []
+    if torch.cuda.is_available():
+        try:
+            uuid = str(torch.cuda.get_device_properties(0).uuid)
+            out.append(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+        except Exception:  # an older torch without the field
+            pass
     visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
     first = (visible or "").split(",")[0].strip()
-    return first if first else "0"
+    if first:
+        out.append(first)
+    out.append("0")
+    return list(dict.fromkeys(out))
 
 
-def smi_fields(index: int | str = 0) -> tuple[str, ...] | None:
-    """The sampled fields this driver accepts (the reasons under their current or their older name), or None when
-    there is no usable ``nvidia-smi``."""
+def _smi_query(exe: str, target: str, fields) -> list[str]:
+    return [exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", target]
+
+
+def smi_command(targets: list[str]) -> tuple[list[str] | None, tuple[str, ...] | None, str]:
+    """``(command, fields, note)``: the first target and field variant this ``nvidia-smi`` answers with a readable
+    sample, or ``(None, None, why not)``."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
-    for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active", None):
-        fields = SMI_FIELDS[:3] + ((reasons,) if reasons else ())
-        try:
-            proc = subprocess.run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
-                                   "-i", str(index)], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if proc.returncode == 0 and parse_smi_line(proc.stdout.splitlines()[0] if proc.stdout else "", fields):
-            return fields
-    return None
+        return None, None, "nvidia-smi not on PATH"
+    last = ""
+    for target in targets:
+        for fields in SMI_VARIANTS:
+            cmd = _smi_query(exe, target, fields)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return None, None, f"nvidia-smi: {exc!r}"
+            lines = proc.stdout.splitlines()
+            if proc.returncode == 0 and lines and parse_smi_line(lines[0], fields):
+                return cmd, fields, f"-i {target}, fields {','.join(fields)}"
+            last = f"-i {target} {','.join(fields)}: exit {proc.returncode}: {(proc.stderr or proc.stdout).strip()[:200]}"
+    return None, None, f"no readable sample; last try {last}"
 
 
 class ClockSampler:
-    """``with ClockSampler(cmd, fields) as s: ...`` runs ``cmd`` (one ``nvidia-smi --query-gpu`` sample) over and
-    over in a thread for the duration of the block; ``s.samples`` then holds the parsed lines. A fresh process per
-    sample, rather than ``nvidia-smi -lms``: a looping nvidia-smi writing into a pipe may buffer its output and lose it
-    when stopped. ``cmd`` None: a no-op (no samples)."""
+    """``with ClockSampler(cmd, fields) as s: ...`` runs ``cmd`` (one ``nvidia-smi --query-gpu`` sample) at a fixed
+    rate in a thread for the duration of the block; ``s.samples`` then holds the parsed lines, each with its time
+    stamp ``t`` (``time.monotonic()`` when the command returned). A fresh process per sample, rather than a looping
+    ``nvidia-smi -lms``, whose output into a pipe may stay buffered and be lost when it is stopped. ``cmd`` None: a
+    no-op (no samples; ``note`` says why)."""
 
-    def __init__(self, cmd: list[str] | None, fields=SMI_FIELDS, period_s: float = 0.05):
+    def __init__(self, cmd: list[str] | None, fields=SMI_FIELDS, period_s: float = 0.1, note: str = ""):
         self.cmd = cmd
         self.fields = fields
         self.period_s = period_s
+        self.note = note
         self.samples: list[dict] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = None
 
     @classmethod
-    def for_gpu(cls, index: int | str | None = None, period_s: float = 0.05) -> "ClockSampler":
-        index = smi_index() if index is None else index
-        fields = smi_fields(index)
-        if fields is None:
-            return cls(None)
-        cmd = ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", "-i", str(index)]
-        return cls(cmd, fields, period_s)
+    def for_gpu(cls, period_s: float = 0.1) -> "ClockSampler":
+        cmd, fields, note = smi_command(smi_targets())
+        return cls(cmd, fields or SMI_FIELDS, period_s, note)
 
     def _sample_once(self) -> bool:
         """One sample; False (and the reason in ``errors``) when the command cannot run: sampling then stops."""
@@ -159,20 +219,23 @@ class ClockSampler:
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.errors.append(f"{self.cmd[0]}: {exc!r}")
             return False
+        t = time.monotonic()
         if proc.returncode != 0:
             self.errors.append(f"{self.cmd[0]}: exit {proc.returncode}: {proc.stderr.strip()[:200]}")
             return False
-        # the older name of the reasons field is stored under the current one; a missing field as None
-        names = list(self.fields) + [None] * (len(SMI_FIELDS) - len(self.fields))
         for line in proc.stdout.splitlines():
             s = parse_smi_line(line, self.fields)
             if s is not None:
-                self.samples.append({name: s.get(f) if f else None for name, f in zip(SMI_FIELDS, names)})
+                self.samples.append({**s, "t": t})
         return True
 
     def _loop(self) -> None:
+        start = time.monotonic()
+        k = 0
         while not self._stop.is_set() and self._sample_once():
-            self._stop.wait(self.period_s)
+            k += 1
+            # a fixed rate: the next sample is due at start + k * period, however long this one took
+            self._stop.wait(max(0.0, start + k * self.period_s - time.monotonic()))
 
     def __enter__(self) -> "ClockSampler":
         if self.cmd is not None:
@@ -187,16 +250,18 @@ class ClockSampler:
         self._thread.join(timeout=30)
 
 
-def kernel_time_s(prof) -> float:
-    """Summed GPU time of a profile's device events (kernels, memsets, copies), in seconds."""
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+def profile_busy_s(prof) -> tuple[float, float]:
+    """``(busy, summed)`` seconds of a profile's GPU events (kernels, copies, memsets): the union of their
+    intervals, and the plain sum of their durations."""
+    dev = [e for e in prof.events() if e.device_type != torch.autograd.DeviceType.CPU]
+    intervals = [(e.time_range.start, e.time_range.end) for e in dev]
+    return busy_time(intervals) / 1e6, sum(end - start for start, end in intervals) / 1e6
 
 
 def profile_impl(impl, inputs, steps: int, warmup: int, sampler_factory, rows: int = 12,
                  trace: Path | None = None, activities=None) -> dict:
     """Timed steps with clock samples, host issue time, and one profiled step of ``impl`` (CUDA); ``trace``: where
-    to write the profiled step's Chrome trace, gzipped; ``activities``: the profiler's (default: CUDA kernels only,
-    so the summed time is GPU time)."""
+    to write the profiled step's Chrome trace, gzipped; ``activities``: the profiler's (default: CUDA only)."""
     from .bench import _loss
 
     hidden, weight, targets, g_lp, g_h = inputs
@@ -206,10 +271,11 @@ def profile_impl(impl, inputs, steps: int, warmup: int, sampler_factory, rows: i
         _loss(impl, hidden, weight, targets, g_lp, g_h).backward()
 
     walls = []
-    with sampler_factory() as sampler:  # started before the warm-up: nvidia-smi takes a moment to start sampling
+    with sampler_factory() as sampler:  # started before the warm-up: the first samples take a moment
         for _ in range(warmup):
             step()
         torch.cuda.synchronize()
+        t0 = time.monotonic()
         for _ in range(steps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -217,9 +283,10 @@ def profile_impl(impl, inputs, steps: int, warmup: int, sampler_factory, rows: i
             b.record()
             torch.cuda.synchronize()
             walls.append(a.elapsed_time(b) / 1e3)
-    t0 = time.perf_counter()
+        t1 = time.monotonic()
+    t_host = time.perf_counter()
     step()
-    host = time.perf_counter() - t0
+    host = time.perf_counter() - t_host
     torch.cuda.synchronize()
     if activities is None:
         activities = [torch.profiler.ProfilerActivity.CUDA]
@@ -230,45 +297,61 @@ def profile_impl(impl, inputs, steps: int, warmup: int, sampler_factory, rows: i
         b.record()
         torch.cuda.synchronize()
     prof_wall = a.elapsed_time(b) / 1e3
-    kernels = kernel_time_s(prof)
+    busy, summed = profile_busy_s(prof)
     if trace is not None:
         raw = trace.with_suffix("")  # x.json.gz -> x.json
         prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
+    clocks = summarize_samples(in_window(sampler.samples, t0, t1))
+    clocks["samples_all"] = len(sampler.samples)
+    if sampler.note:
+        clocks["sampler"] = sampler.note
+    if sampler.errors:
+        clocks["errors"] = sampler.errors
     return {
         "wall_s": walls,
         "wall_median_s": statistics.median(walls),
         "wall_min_s": min(walls),
         "host_issue_s": host,
         "profiled_wall_s": prof_wall,
-        "kernel_s": kernels,
-        "gap_s": prof_wall - kernels,
-        "clocks": {**summarize_samples(sampler.samples), **({"errors": sampler.errors} if sampler.errors else {})},
+        "busy_s": busy,
+        "kernel_sum_s": summed,
+        "gap_s": prof_wall - busy,
+        "clocks": clocks,
         "table": prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=60),
     }
 
 
 def run(impls: list[str], n: int, d: int, vocab: int, dtype: torch.dtype, steps: int, warmup: int, rounds: int,
         out: Path | None, log=print) -> dict:
-    """Profile every implementation ``rounds`` times in turn (impl A, B, ..., A, B, ...) on the same inputs."""
+    """Profile every implementation ``rounds`` times in turn (impl A, B, ..., A, B, ...) on the same inputs;
+    ``out/profile.json`` is rewritten after every run, so a stage cut off keeps what it had."""
     from .bench import _restore_triton_defaults, make_inputs, resolve_impl
 
+    check_specs(impls)
     if not torch.cuda.is_available():
         raise RuntimeError("bench_profile needs CUDA (kernel times and GPU clocks)")
     device = torch.device("cuda")
     inputs = make_inputs(n, d, vocab, dtype, device, seed=0)
+    report: dict = {"n": n, "d": d, "vocab": vocab, "dtype": str(dtype), "steps": steps, "warmup": warmup,
+                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": {}, "results": {}}
     resolved = {}
     for spec in impls:
         impl, why = resolve_impl(spec, device)
         if impl is None:
             log(f"{spec}: skipped ({why})")
+            report["skipped"][spec] = why
             continue
         resolved[spec] = impl
-    report: dict = {"n": n, "d": d, "vocab": vocab, "dtype": str(dtype), "steps": steps, "warmup": warmup,
-                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": {}}
+
+    def save():
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
+
     for r in range(rounds):
         for spec, impl in resolved.items():
             trace = None
@@ -281,21 +364,23 @@ def run(impls: list[str], n: int, d: int, vocab: int, dtype: torch.dtype, steps:
             except Exception as exc:  # one implementation failing (an OOM, a missing package) must not end the stage
                 log(f"## round {r} {spec}: FAILED {exc!r}")
                 report["results"].setdefault(spec, []).append({"error": repr(exc)})
+                save()
                 continue
             finally:
                 _restore_triton_defaults()
                 inputs[0].grad = inputs[1].grad = None
                 torch.cuda.empty_cache()
             report["results"].setdefault(spec, []).append(res)
+            save()
             c = res["clocks"]
             log(f"## round {r} {spec}: wall median {res['wall_median_s'] * 1e3:.1f} ms (min "
                 f"{res['wall_min_s'] * 1e3:.1f}); host issue {res['host_issue_s'] * 1e3:.1f} ms; profiled step: wall "
-                f"{res['profiled_wall_s'] * 1e3:.1f} ms = kernels {res['kernel_s'] * 1e3:.1f} + idle gaps "
-                f"{res['gap_s'] * 1e3:.1f}; SM clock median {c.get('sm_clock_mhz_median', '?')} MHz (min "
-                f"{c.get('sm_clock_mhz_min', '?')}), power median {c.get('power_w_median', '?')} W, reasons "
-                f"{c.get('clock_reasons', '?')}, {c.get('samples', 0)} samples")
+                f"{res['profiled_wall_s'] * 1e3:.1f} ms = GPU busy {res['busy_s'] * 1e3:.1f} + idle "
+                f"{res['gap_s'] * 1e3:.1f} (kernel sum {res['kernel_sum_s'] * 1e3:.1f}); SM clock median "
+                f"{c.get('sm_clock_mhz_median', '?')} MHz (min {c.get('sm_clock_mhz_min', '?')}), power median "
+                f"{c.get('power_w_median', '?')} W, reasons {c.get('clock_reasons', '?')}, limited "
+                f"{c.get('limited_fraction', '?')}, {c['samples']} samples in the timed steps "
+                f"({c.get('sampler') or c.get('errors', '')})")
             log(res["table"])
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.json").write_text(json.dumps(report, indent=1, default=str))
+    save()
     return report
