@@ -190,6 +190,9 @@ def smi_command(targets: list[str]) -> tuple[list[str] | None, tuple[str, ...] |
     return None, None, f"no readable sample; last try {last}"
 
 
+_SMI_FOUND: list = []
+
+
 class ClockSampler:
     """``with ClockSampler(cmd, fields) as s: ...`` runs ``cmd`` (one ``nvidia-smi --query-gpu`` sample) at a fixed
     rate in a thread for the duration of the block; ``s.samples`` then holds the parsed lines, each with its time
@@ -209,7 +212,9 @@ class ClockSampler:
 
     @classmethod
     def for_gpu(cls, period_s: float = 0.1) -> "ClockSampler":
-        cmd, fields, note = smi_command(smi_targets())
+        if not _SMI_FOUND:  # probed once per process
+            _SMI_FOUND.append(smi_command(smi_targets()))
+        cmd, fields, note = _SMI_FOUND[0]
         return cls(cmd, fields or SMI_FIELDS, period_s, note)
 
     def _sample_once(self) -> bool:
