@@ -275,19 +275,23 @@ def test_in_place_bf16_dz_has_a_barrier_between_loads_and_stores():
 @needs_kernels
 def test_row_grad_into_a_narrower_view_of_the_logits():
     """row_grad with out = a bf16 view over the fp32 logits' own bytes (the gemm mode's layout) = into a separate
-    buffer, over several blocks per row."""
+    buffer, bit for bit, over several blocks per row. On a GPU also at the gemm mode's own sizes (4096-column
+    blocks, 8 warps), where without the barrier a warp's stores overwrite logits another warp has yet to load."""
     gen = torch.Generator().manual_seed(5)
-    n, v = 6, 150  # MAX_BLOCK_V = 64 here: three blocks per row
-    z = torch.randn(n, v, generator=gen).to(DEVICE)
-    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
-    lp, ent, lse, *_ = triton_logits.row_stats(z, targets, 1.0, -100)
-    g1, g2 = torch.randn(n, generator=gen).to(DEVICE), torch.randn(n, generator=gen).to(DEVICE)
-    separate = torch.empty(n, v, dtype=torch.bfloat16, device=DEVICE)
-    triton_logits.row_grad(z, targets, lse, ent, g1, g2, 1.0, -100, separate)
-    narrow = z.view(torch.bfloat16).view(n, 2 * v)[:, :v]
-    got = triton_logits.row_grad(z, targets, lse, ent, g1, g2, 1.0, -100, narrow)
-    assert got.data_ptr() == z.data_ptr()
-    torch.testing.assert_close(got, separate, atol=0, rtol=0)
+    # interpreter: MAX_BLOCK_V = 64, three blocks per row; GPU: the issue case's 3584-column backward chunk (one
+    # masked 4096 block) and a row of 2.5 blocks
+    sizes = [(6, 150)] if DEVICE == "cpu" else [(6, 150), (512, 3584), (256, 10240)]
+    for n, v in sizes:
+        z = torch.randn(n, v, generator=gen).mul_(3).to(DEVICE)
+        targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+        lp, ent, lse, *_ = triton_logits.row_stats(z, targets, 1.0, -100)
+        g1, g2 = torch.randn(n, generator=gen).to(DEVICE), torch.randn(n, generator=gen).to(DEVICE)
+        separate = torch.empty(n, v, dtype=torch.bfloat16, device=DEVICE)
+        triton_logits.row_grad(z, targets, lse, ent, g1, g2, 1.0, -100, separate)
+        narrow = z.view(torch.bfloat16).view(n, 2 * v)[:, :v]
+        got = triton_logits.row_grad(z, targets, lse, ent, g1, g2, 1.0, -100, narrow)
+        assert got.data_ptr() == z.data_ptr()
+        torch.testing.assert_close(got, separate, atol=0, rtol=0, msg=lambda m: f"n={n}, V={v}: {m}")
 
 
 LINEAR_CASES = [
