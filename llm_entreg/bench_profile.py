@@ -138,13 +138,16 @@ def busy_time(intervals) -> float:
 
 
 def check_specs(specs: list[str]) -> None:
-    """Raise ``ValueError`` naming the first implementation spec that the bench does not know (before any GPU
-    time is spent)."""
-    from .bench import ALL_IMPLS, _parse_spec
+    """Raise ``ValueError`` naming the first implementation spec the bench cannot parse (an unknown name or knob):
+    the bench's own :func:`~llm_entreg.bench.resolve_impl`, resolved for the CPU, so that it runs anywhere and
+    before any GPU time is spent."""
+    from .bench import resolve_impl
 
     for spec in specs:
-        if _parse_spec(spec)[0] not in ALL_IMPLS:
-            raise ValueError(f"--impls: unknown implementation {spec!r}; choose from {', '.join(ALL_IMPLS)}")
+        try:
+            resolve_impl(spec, torch.device("cpu"))
+        except ValueError as exc:
+            raise ValueError(str(exc) if repr(spec) in str(exc) else f"--impls: {spec!r}: {exc}") from None
 
 
 def smi_targets(visible: str | None = None) -> list[str]:
@@ -267,13 +270,10 @@ def profile_impl(impl, inputs, steps: int, warmup: int, sampler_factory, rows: i
                  trace: Path | None = None, activities=None) -> dict:
     """Timed steps with clock samples, host issue time, and one profiled step of ``impl`` (CUDA); ``trace``: where
     to write the profiled step's Chrome trace, gzipped; ``activities``: the profiler's (default: CUDA only)."""
-    from .bench import _loss
-
-    hidden, weight, targets, g_lp, g_h = inputs
+    from .bench import _run_fwdbwd
 
     def step():
-        hidden.grad = weight.grad = None
-        _loss(impl, hidden, weight, targets, g_lp, g_h).backward()
+        _run_fwdbwd(impl, inputs)
 
     walls = []
     with sampler_factory() as sampler:  # started before the warm-up: the first samples take a moment
@@ -339,18 +339,19 @@ def run(impls: list[str], n: int, d: int, vocab: int, dtype: torch.dtype, steps:
     if not torch.cuda.is_available():
         raise RuntimeError("bench_profile needs CUDA (kernel times and GPU clocks)")
     device = torch.device("cuda")
-    inputs = make_inputs(n, d, vocab, dtype, device, seed=0)
-    report: dict = {"n": n, "d": d, "vocab": vocab, "dtype": str(dtype), "steps": steps, "warmup": warmup,
-                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": {}, "results": {}}
-    resolved = {}
+    resolved, skipped = {}, {}
     for spec in impls:
         impl, why = resolve_impl(spec, device)
         if impl is None:
             log(f"{spec}: skipped ({why})")
-            report["skipped"][spec] = why
-            continue
-        resolved[spec] = impl
+            skipped[spec] = why
+        else:
+            resolved[spec] = impl
+    inputs = make_inputs(n, d, vocab, dtype, device, seed=0)
+    report: dict = {"n": n, "d": d, "vocab": vocab, "dtype": str(dtype), "steps": steps, "warmup": warmup,
+                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "skipped": skipped,
+                    "results": {}}
 
     def save():
         if out is not None:

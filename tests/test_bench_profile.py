@@ -84,6 +84,10 @@ def test_check_specs_names_the_bad_one():
     bp.check_specs(["ours_triton", "ours_triton@+tiles", "trl_chunked@4096", "ours_fused_loss@8192"])
     with pytest.raises(ValueError, match="'ours_trition'"):
         bp.check_specs(["ours_triton", "ours_trition"])
+    with pytest.raises(ValueError, match="'ours_triton@\\+gemmm'"):  # a bad knob of a known implementation
+        bp.check_specs(["ours_triton@+gemmm"])
+    with pytest.raises(ValueError, match="'trl_chunked@big'"):
+        bp.check_specs(["trl_chunked@big"])
 
 
 def test_profile_head_refuses_a_typo_before_looking_for_a_gpu():
