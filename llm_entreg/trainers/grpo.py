@@ -84,6 +84,7 @@ class EntropyGRPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPO
         default=False,
         metadata={"help": "Not used: set entropy_controller='target_entropy' (Skywork-OR1) instead."},
     )
+
     def __post_init__(self):
         if self.use_adaptive_entropy:
             raise ValueError(

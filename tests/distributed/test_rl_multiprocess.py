@@ -79,7 +79,6 @@ def _critic_update_error(run, reference) -> float:
     return ((da - db).norm() / db.norm()).item()
 
 
-
 def test_grpo_fused_loss_two_ranks_like_the_default_path_in_one_process(grpo_single, tmp_path):
     """fused_loss=True (gradient formed in the head's forward) on 2 ranks: the same logs and the same update as the
     default path in one process -- the entropy term's global weights and the KL across ranks."""
@@ -91,6 +90,7 @@ def test_grpo_fused_loss_two_ranks_like_the_default_path_in_one_process(grpo_sin
     assert measured_entropy(probe[0]) == pytest.approx(measured_entropy(grpo_single.probe()[0]), rel=1e-5)
     assert_same_metrics(run.metrics(), grpo_single.metrics(), GRPO_KEYS)
     assert_same_update(run, grpo_single)
+
 
 @pytest.mark.parametrize("config", ["cpu_ddp_2proc", "cpu_zero2_2proc"], ids=["ddp", "zero2"])
 def test_ppo_two_ranks_log_and_update_like_one_process(ppo_single, tmp_path, config):
