@@ -393,10 +393,10 @@ def _median(xs):
 def _materialising_head(trl_module):
     """While a TRL trainer's ``__init__`` runs, its ``add_fused_lm_head`` calls install a materialising head.
 
-    Same arguments and outputs, computed by :func:`llm_entreg.ops.install_fused_head` with the ``torch`` reference
+    Same arguments and outputs, computed by :func:`llm_entreg.integrations.install_fused_head` with the ``torch`` reference
     backend, which builds the ``[tokens, V]`` logits (only of the scored positions) and their softmax in float32.
     """
-    from .ops import install_fused_head
+    from .integrations import install_fused_head
 
     original = trl_module.add_fused_lm_head
     calls = []

@@ -5,32 +5,26 @@
     llm-entreg sweep RECIPE_OR_SWEEP.yaml [key=value ...] [--entropy-coef LIST | --log-range A:B --points N]
                      [--schedules LIST] [--seeds LIST] [--out DIR] [--workers N] [--storage URL] [--study-name NAME]
     accelerate launch --config_file configs/cpu_ddp_2proc.yaml -m llm_entreg train RECIPE.yaml
+
+RECIPE is a YAML file or the name of a shipped recipe (``dpo_entropy``); NAME a config file or a shipped config.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-from pathlib import Path
-
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def resolve_accelerate_config(name: str) -> Path:
-    """A config path, or a name under the repository's ``configs/`` (with or without ``.yaml``)."""
-    candidates = [Path(name), REPO_CONFIGS / name, REPO_CONFIGS / f"{name}.yaml"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
-    raise SystemExit(f"--accelerate-config: no config {name!r}; known names: {known}")
 
 
 def _train(args, raw: list[str]) -> int:
     if args.accelerate_config:
-        config = resolve_accelerate_config(args.accelerate_config)
+        from .launch import LaunchError, relaunch, resolve_accelerate_config
+
+        try:
+            config = resolve_accelerate_config(args.accelerate_config)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         forwarded, skip = [], False
         for item in raw:  # drop "--accelerate-config NAME" / "--accelerate-config=NAME"; forward the rest
             if skip:
@@ -39,10 +33,7 @@ def _train(args, raw: list[str]) -> int:
                 skip = True
             elif not item.startswith("--accelerate-config="):
                 forwarded.append(item)
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "-m", "llm_entreg", "train", *forwarded]
-        print("launching:", " ".join(cmd), flush=True)
-        return subprocess.call(cmd)
+        return relaunch(config, ["train", *forwarded], log=lambda line: print(line, flush=True))
 
     from .recipes import RecipeError, load_recipe
 
@@ -75,13 +66,13 @@ def _bench(rest: list[str]) -> int:
 
 def build_train_parser() -> argparse.ArgumentParser:
     train = argparse.ArgumentParser(prog="llm-entreg train", description="train a recipe (DPO with an entropy bonus, ...)")
-    train.add_argument("recipe", help="YAML recipe, e.g. recipes/dpo_entropy.yaml")
+    train.add_argument("recipe", help="YAML recipe, e.g. recipes/dpo_entropy.yaml, or a shipped recipe's name")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. entropy_coef=0.01 max_steps=20")
     train.add_argument("--real", action="store_true", help="switch to the recipe's real model/dataset ids")
     train.add_argument("--resume", nargs="?", const="last", default=None,
                        help="resume from CKPT, or from the last checkpoint in output_dir")
     train.add_argument("--accelerate-config", default=None,
-                       help="launch through `accelerate launch` with configs/NAME.yaml (or a path)")
+                       help="launch through `accelerate launch` with a shipped config NAME (or a path)")
     return train
 
 

@@ -13,6 +13,8 @@ A recipe has these sections (see ``recipes/dpo_entropy.yaml``)::
     trainer: {...}            # fields of the algorithm's config dataclass (e.g. EntropyDPOConfig)
     real_model: {...}         # optional: merged over the above by ``--real`` (real model / dataset ids)
 
+A recipe is a file path, or the name of a recipe shipped with the package (``dpo_entropy``).
+
 Overrides are ``key=value`` (the value is parsed as YAML): a bare key is a trainer field (``entropy_coef=0.01``)
 or a top-level key (``seed=1``); a dotted key addresses any section (``model.name_or_path=/path/to/model``).
 Unknown keys are refused with the closest valid name.
@@ -25,6 +27,7 @@ import dataclasses
 import difflib
 import os
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,8 @@ SECTIONS = {
     "trainer": None,  # validated against the algorithm's config dataclass
     "real_model": None,  # merged by --real
 }
-ALGORITHMS = ("dpo", "grpo", "ppo")
+#: The package that holds the shipped recipes (the repository's ``recipes/``).
+RECIPE_PACKAGE = "llm_entreg.recipe_files"
 
 
 class RecipeError(ValueError):
@@ -63,20 +67,37 @@ def _closest(key: str, choices) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+def algorithm_names() -> tuple[str, ...]:
+    from .trainers import ALGORITHMS
+
+    return tuple(ALGORITHMS)
+
+
 def config_class(algorithm: str):
-    if algorithm == "dpo":
-        from .trainers.dpo import EntropyDPOConfig
+    """The config dataclass of a recipe algorithm (from :data:`llm_entreg.trainers.ALGORITHMS`)."""
+    from .trainers import ALGORITHMS
 
-        return EntropyDPOConfig
-    if algorithm == "grpo":
-        from .trainers.grpo import EntropyGRPOConfig
+    if algorithm not in ALGORITHMS:
+        raise RecipeError(f"algorithm: unknown {algorithm!r}; choose from {tuple(ALGORITHMS)}")
+    return ALGORITHMS[algorithm].config
 
-        return EntropyGRPOConfig
-    if algorithm == "ppo":
-        from .trainers.ppo import PPOConfig
 
-        return PPOConfig
-    raise RecipeError(f"algorithm: unknown {algorithm!r}; choose from {ALGORITHMS}")
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes shipped with the package, by name (``dpo_entropy`` -> its path)."""
+    return {Path(item.name).stem: Path(str(item)) for item in files(RECIPE_PACKAGE).iterdir()
+            if item.name.endswith(".yaml")}
+
+
+def resolve_recipe_path(name: str | os.PathLike) -> Path:
+    """A recipe file path, or the name of a shipped recipe (with or without ``.yaml``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    shipped = packaged_recipes()
+    if path.parent == Path(".") and stem in shipped:
+        return shipped[stem]
+    raise RecipeError(f"{name}: no such recipe file, and not the name of a shipped recipe ({sorted(shipped)})")
 
 
 def trainer_fields(algorithm: str) -> set[str]:
@@ -111,13 +132,14 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml(text: str) -> Any:
+def parse_yaml(text: str) -> Any:
+    """YAML with 1.2 scalars (``1e-4`` is a float; ``no``/``yes``/``on``/``off`` stay strings)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _parse_value(text: str) -> Any:
     try:
-        return _yaml(text)
+        return parse_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -155,8 +177,8 @@ def validate(recipe: dict, source: str = "recipe") -> dict:
         if key not in SECTIONS:
             raise RecipeError(f"{source}: unknown top-level key {key!r}{_closest(key, SECTIONS)}")
     algorithm = recipe.get("algorithm")
-    if algorithm not in ALGORITHMS:
-        raise RecipeError(f"{source}: algorithm: expected one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm not in algorithm_names():
+        raise RecipeError(f"{source}: algorithm: expected one of {algorithm_names()}, got {algorithm!r}")
     out = {"algorithm": algorithm, "seed": int(recipe.get("seed", 0) or 0), "description": recipe.get("description")}
     for section, defaults in SECTIONS.items():
         if not isinstance(defaults, dict):
@@ -180,12 +202,11 @@ def validate(recipe: dict, source: str = "recipe") -> dict:
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), real: bool = False) -> dict:
-    """Load a YAML recipe, merge ``real_model`` if ``real``, apply ``overrides``, validate, and return a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
+    """Load a YAML recipe (a path or a shipped recipe's name), merge ``real_model`` if ``real``, apply ``overrides``,
+    validate, and return a dict."""
+    path = resolve_recipe_path(path)
     try:
-        raw = _yaml(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
@@ -196,8 +217,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
             raise RecipeError(f"{path}: --real given but the recipe has no real_model section")
         raw = _merge({k: v for k, v in raw.items() if k != "real_model"}, extra)
     raw.setdefault("algorithm", None)
-    if raw["algorithm"] not in ALGORITHMS:
-        raise RecipeError(f"{path}: algorithm: expected one of {ALGORITHMS}, got {raw['algorithm']!r}")
+    if raw["algorithm"] not in algorithm_names():
+        raise RecipeError(f"{path}: algorithm: expected one of {algorithm_names()}, got {raw['algorithm']!r}")
     for item in overrides:
         apply_override(raw, item)
     recipe = validate(raw, str(path))

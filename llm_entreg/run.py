@@ -16,19 +16,26 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .recipes import config_class
+from .utils import torch_threads
 
 # TRL's DPOTrainer also takes the "implicit prompt" format (the prompt inside chosen/rejected), so prompt is optional
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 PROMPT_COLUMNS = ("prompt",)
 
 
+def _algorithm_inputs(algorithm: str) -> str:
+    from .trainers import ALGORITHMS
+
+    return ALGORITHMS[algorithm].inputs
+
+
 def _columns(algorithm: str) -> tuple[str, ...]:
-    return PREFERENCE_COLUMNS if algorithm == "dpo" else PROMPT_COLUMNS
+    return PREFERENCE_COLUMNS if _algorithm_inputs(algorithm) == "preferences" else PROMPT_COLUMNS
 
 
 def _embedded_split(default, algorithm: str, split: str):
-    return (default.datasets.preference if algorithm == "dpo" else default.datasets.prompts)[split]
+    datasets = default.datasets.preference if _algorithm_inputs(algorithm) == "preferences" else default.datasets.prompts
+    return datasets[split]
 
 
 def resolve_reward_funcs(spec: dict, default=None) -> tuple[list, list[float] | None]:
@@ -172,7 +179,7 @@ def build(recipe: dict, log=print) -> dict[str, Any]:
     algorithm = recipe["algorithm"]
     columns = _columns(algorithm)
     ref = model_cfg.get("ref_name_or_path")
-    if algorithm in ("grpo", "ppo"):
+    if _algorithm_inputs(algorithm) == "rewards":
         pieces["ref_model"] = None  # TRL's GRPOTrainer builds its own reference when beta != 0
         pieces["reward_funcs"], pieces["reward_weights"] = resolve_reward_funcs(recipe["rewards"], pieces["default"])
     elif ref is None:
@@ -214,29 +221,29 @@ def held_out_metrics(recipe: dict, pieces: dict, model) -> dict[str, float] | No
 
 
 def make_trainer(recipe: dict, pieces: dict, callbacks=()):
+    """The recipe's trainer (from :data:`llm_entreg.trainers.ALGORITHMS`) on the pieces :func:`build` resolved."""
+    from .trainers import ALGORITHMS
+
+    algorithm = ALGORITHMS[recipe["algorithm"]]
     trainer_args = dict(recipe["trainer"])
     trainer_args.setdefault("seed", recipe["seed"])
     trainer_args.setdefault("report_to", [])
-    if recipe["algorithm"] in ("grpo", "ppo") and pieces.get("reward_weights") is not None:
-        trainer_args.setdefault("reward_weights", pieces["reward_weights"])
-    config = config_class(recipe["algorithm"])(**trainer_args)
-    from .trainers import EntropyDPOTrainer, EntropyGRPOTrainer, PPOTrainer
-
-    common = dict(args=config, train_dataset=pieces["train"], eval_dataset=pieces["eval"],
-                  processing_class=pieces["tokenizer"], callbacks=list(callbacks))
-    if recipe["algorithm"] == "grpo":
-        return EntropyGRPOTrainer(model=pieces["model"], reward_funcs=pieces["reward_funcs"], **common)
-    if recipe["algorithm"] == "ppo":
-        return PPOTrainer(model=pieces["model"], reward_funcs=pieces["reward_funcs"], **common)
-    return EntropyDPOTrainer(model=pieces["model"], ref_model=pieces["ref_model"], **common)
+    inputs = {"model": pieces["model"], "args": None, "train_dataset": pieces["train"], "eval_dataset": pieces["eval"],
+              "processing_class": pieces["tokenizer"], "callbacks": list(callbacks)}
+    if algorithm.inputs == "rewards":
+        if pieces.get("reward_weights") is not None:
+            trainer_args.setdefault("reward_weights", pieces["reward_weights"])
+        inputs["reward_funcs"] = pieces["reward_funcs"]
+    else:
+        inputs["ref_model"] = pieces["ref_model"]
+    inputs["args"] = algorithm.config(**trainer_args)
+    return algorithm.trainer(**inputs)
 
 
 def run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict[str, Any]:
     """Train the recipe end to end. Returns the summary (also written to ``summary.json``)."""
     # The embedded model is ~165k parameters: its matmuls are too small to gain from threads, and on a busy machine
     # extra threads cost 10-30x (measured by the sweep; docs/benchmarks.md)
-    from .tasks.evaluation import torch_threads
-
     with torch_threads(1 if recipe["model"]["name_or_path"] == "embedded" else None):
         return _run(recipe, resume_from_checkpoint, log)
 

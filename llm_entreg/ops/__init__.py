@@ -15,114 +15,28 @@ gradient. Bad input raises ``ValueError`` naming the argument.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._common import EXTRA_OUTPUTS, TokenStats, check_extras, gathered_params
+from ._common import (BACKENDS, EXTRA_OUTPUTS, TokenStats, check_extras, check_linear, check_logits, gathered_params,
+                      resolve_backend, triton_available)
+from .fused_loss import FUSED_LOSS_BACKENDS, LossFn, fused_linear_loss
 from .reference import reference_linear_token_stats, reference_token_stats
-from .hf_head import install_fused_head
-from .fused_loss import fused_linear_loss, ppo_clip_token_loss
-
-BACKENDS = ("auto", "torch", "chunked", "triton")
 
 __all__ = [
     "BACKENDS",
     "EXTRA_OUTPUTS",
+    "FUSED_LOSS_BACKENDS",
+    "LossFn",
     "TokenStats",
     "fused_linear_loss",
-    "ppo_clip_token_loss",
     "gathered_params",
-    "install_fused_head",
     "linear_logprob_and_entropy",
     "linear_token_stats",
     "logprob_and_entropy",
     "token_stats",
     "resolve_backend",
+    "triton_available",
 ]
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - platform without triton
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that ``backend`` means on ``device`` (``"auto"`` -> triton on CUDA, chunked elsewhere)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "chunked"
-    if backend == "triton" and not triton_available():
-        raise ValueError("backend: 'triton' requested but triton is not importable on this platform")
-    return backend
-
-
-def _check_common(targets: torch.Tensor, n_vocab: int, device: torch.device, temperature: float, ignore_index: int):
-    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"targets: expected an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
-    if targets.device != device:
-        raise ValueError(f"targets: on {targets.device}, but the logits/hidden are on {device}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    if 0 <= ignore_index < n_vocab:
-        raise ValueError(f"ignore_index: {ignore_index} is a valid token id for a vocabulary of {n_vocab}")
-    if targets.numel():
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_vocab))
-        if bool(bad.any()):
-            value = int(targets[bad].flatten()[0])
-            raise ValueError(
-                f"targets: value {value} is outside [0, {n_vocab}) and is not ignore_index={ignore_index}"
-            )
-
-
-def _check_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int):
-    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
-        raise ValueError(f"logits: expected a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
-    if logits.ndim < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits: expected shape [..., V] with V > 0, got {tuple(logits.shape)}")
-    if isinstance(targets, torch.Tensor) and tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"targets: shape {tuple(targets.shape)} does not match logits.shape[:-1] = {tuple(logits.shape[:-1])}"
-        )
-    _check_common(targets, logits.shape[-1], logits.device, temperature, ignore_index)
-
-
-def _check_linear(hidden, weight, bias, targets, temperature, ignore_index) -> torch.dtype:
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.ndim != 2:
-            raise ValueError(
-                f"{name}: expected a 2-D floating-point tensor, got "
-                f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}"
-            )
-    if weight.device != hidden.device:
-        raise ValueError(f"weight: on {weight.device}, but hidden is on {hidden.device}")
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"weight: shape {tuple(weight.shape)} must be [V, d] with d = hidden.shape[1] = {hidden.shape[1]}"
-        )
-    if weight.shape[0] == 0:
-        raise ValueError("weight: the vocabulary is empty (a ZeRO-3 partitioned weight must be gathered first)")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
-            raise ValueError(f"bias: expected a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias: shape {tuple(bias.shape)} must be [V] = [{weight.shape[0]}]")
-        if bias.device != hidden.device:
-            raise ValueError(f"bias: on {bias.device}, but hidden is on {hidden.device}")
-    if isinstance(targets, torch.Tensor) and tuple(targets.shape) != (hidden.shape[0],):
-        raise ValueError(f"targets: shape {tuple(targets.shape)} must be [N] = [{hidden.shape[0]}]")
-    _check_common(targets, weight.shape[0], hidden.device, temperature, ignore_index)
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
-    if hidden.dtype != weight.dtype:
-        raise ValueError(
-            f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}; cast one, or run under torch.autocast"
-        )
-    return hidden.dtype
 
 
 def token_stats(
@@ -135,7 +49,7 @@ def token_stats(
     extras: tuple[str, ...] = (),
 ) -> TokenStats:
     """:func:`logprob_and_entropy` plus the no-grad extras (``mean_logits``, ``is_top1``, ``log_sum_sq_probs``)."""
-    _check_logits(logits, targets, temperature, ignore_index)
+    check_logits(logits, targets, temperature, ignore_index)
     extras = check_extras(extras)
     backend = resolve_backend(backend, logits.device)
     lead = logits.shape[:-1]
@@ -181,7 +95,7 @@ def linear_token_stats(
     extras: tuple[str, ...] = (),
 ) -> TokenStats:
     """:func:`linear_logprob_and_entropy` plus the no-grad extras."""
-    compute_dtype = _check_linear(hidden, weight, bias, targets, temperature, ignore_index)
+    compute_dtype = check_linear(hidden, weight, bias, targets, temperature, ignore_index)
     extras = check_extras(extras)
     backend = resolve_backend(backend, hidden.device)
     if backend == "torch":

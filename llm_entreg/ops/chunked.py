@@ -17,14 +17,13 @@ from typing import Callable
 import torch
 
 from ._common import TokenStats, gathered_params
+from ._tiles import NEG_BIG, addmm_f32, grad_tile, logits_tile
 
 #: Default tile sizes. Tokens x vocabulary fp32 tile on the CPU: 1024 x 4096 x 4 B = 16 MiB. A 32 MiB tile sits at
 #: glibc's largest mmap threshold, so each tile-sized temporary is a fresh mmap (page faults + zeroing); 16 MiB
 #: tiles reuse freed heap memory: 0.57x TRL's fwd+bwd time vs 0.63x at 1024 x 8192 (docs/benchmarks.md, run 2).
 TOKEN_CHUNK = {"cpu": 1024, "cuda": 4096}
 VOCAB_CHUNK = {"cpu": 4096, "cuda": 32768}
-_NEG_CLAMP = -1.0e4  # log-probs below this have p == 0 in fp32; clamping them avoids 0 * -inf
-_NEG_BIG = -1.0e30  # stands in for -inf shifted logits in the forward (exp gives 0, and 0 * it gives 0)
 
 
 def _chunks(device: torch.device, token_chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
@@ -70,7 +69,7 @@ class _Running:
         old_finite = torch.where(torch.isfinite(old), old, torch.zeros_like(old))
         z.sub_(shift.unsqueeze(1))  # z - m' (-inf stays -inf)
         if guard:
-            z.clamp_(min=_NEG_BIG)
+            z.clamp_(min=NEG_BIG)
         e = torch.exp(z)
         blk_s = e.sum(1)
         blk_t = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(n)  # one fused pass: sum_i e_i (z_i - m')
@@ -124,40 +123,6 @@ def _forward(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _grad_tile(
-    z: torch.Tensor,
-    local_targets: torch.Tensor,
-    lse: torch.Tensor,
-    entropy: torch.Tensor,
-    g_lp: torch.Tensor | None,
-    g_h: torch.Tensor | None,
-    inv_t: float,
-    guard: bool,
-) -> torch.Tensor:
-    """``dL/d(raw logits)`` for an fp32 tile ``z = logits / T`` (overwritten)."""
-    n, v = z.shape
-    logp = z.sub_(lse.unsqueeze(1))
-    p = torch.exp(logp)
-    if g_h is not None:
-        if guard:
-            logp.clamp_(min=_NEG_CLAMP)
-        # dz = -p * (g_lp + g_H (log p + H)) + g_lp 1[i=y]
-        coef = logp.add_(entropy.unsqueeze(1)).mul_(g_h.unsqueeze(1))
-        if g_lp is not None:
-            coef.add_(g_lp.unsqueeze(1))
-        dz = coef.mul_(p).neg_()
-    else:
-        dz = p.mul_(-g_lp.unsqueeze(1))
-    if g_lp is not None:
-        in_tile = (local_targets >= 0) & (local_targets < v)
-        rows = torch.nonzero(in_tile).squeeze(1)
-        if rows.numel():
-            dz.index_put_((rows, local_targets[rows]), g_lp[rows], accumulate=True)
-    if inv_t != 1.0:
-        dz.mul_(inv_t)
-    return dz
-
-
 def _backward(
     n_rows: int,
     n_vocab: int,
@@ -180,7 +145,7 @@ def _backward(
             z = tile_fn(r0, r1, v0, v1).float()  # a fresh tile: safe to overwrite
             if inv_t != 1.0:
                 z.mul_(inv_t)
-            dz = _grad_tile(
+            dz = grad_tile(
                 z,
                 targets[r0:r1] - v0,
                 lse[r0:r1],
@@ -226,7 +191,7 @@ class _ChunkedLinear(torch.autograd.Function):
         b = None if bias is None else bias.to(compute_dtype)
 
         def tile(r0, r1, v0, v1):
-            return _logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
+            return logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
 
         with torch.no_grad():
             out = _forward(len(rows), n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, device)
@@ -262,7 +227,7 @@ class _ChunkedLinear(torch.autograd.Function):
             gb = torch.zeros(n_vocab, **f32) if (need_b and bias is not None) else None
 
             def tile(r0, r1, v0, v1):
-                return _logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
+                return logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
 
             def consume(dz, r0, r1, v0, v1):
                 if gb is not None:
@@ -270,9 +235,9 @@ class _ChunkedLinear(torch.autograd.Function):
                 if compute_dtype != torch.float32:
                     dz = dz.to(compute_dtype)
                 if gh is not None:
-                    _addmm_f32(gh[r0:r1], dz, w[v0:v1])
+                    addmm_f32(gh[r0:r1], dz, w[v0:v1])
                 if gw is not None:
-                    _addmm_f32(gw[v0:v1], dz.t(), h[r0:r1])
+                    addmm_f32(gw[v0:v1], dz.t(), h[r0:r1])
 
             with torch.no_grad():
                 _backward(len(rows), n_vocab, tile, consume, tgt, lse, entropy, g_lp, g_h, inv_t, guard, tc, vc)
@@ -286,62 +251,6 @@ class _ChunkedLinear(torch.autograd.Function):
             None if gb is None else gb.to(bias.dtype),
             None, None, None, None, None, None, None,
         )
-
-
-def _logits_tile(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """``h @ w.T + b``; for half-precision operands an **fp32** result (fp32 accumulation, not rounded to bf16/fp16).
-
-    Rounding the logits to bf16 would move log-probs by ~1e-2 (the spacing of bf16 near |z| ~ 10): a 1% error in
-    PPO/GRPO ratios. The Triton head keeps its tiles in fp32; this keeps the torch paths equal to it. CUDA:
-    ``torch.mm(..., out_dtype=float32)``; CPU: the operands upcast first (products of half-precision values are
-    exact in fp32). fp32 and fp64 operands: the plain product in their dtype. ``b`` is in the operands' dtype.
-    ``out``: a buffer of the result's shape and dtype to write into instead of a new tensor.
-    """
-    where = {} if out is None else {"out": out}
-    if h.dtype in (torch.float32, torch.float64):
-        return torch.mm(h, w.t(), **where) if b is None else torch.addmm(b, h, w.t(), **where)
-    z = None
-    if h.is_cuda and _OUT_DTYPE_MM[0]:
-        try:
-            z = torch.mm(h, w.t(), out_dtype=torch.float32, **where)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm(out_dtype=): upcast instead
-            _OUT_DTYPE_MM[0] = False
-    if z is None:
-        z = torch.mm(h.float(), w.float().t(), **where)
-    if b is not None:
-        z.add_(b)
-    return z
-
-
-def _torch_at_least(major: int, minor: int) -> bool:
-    try:
-        got = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    except ValueError:
-        return True
-    return got >= (major, minor)
-
-
-#: Whether ``torch.mm(..., out_dtype=float32)`` is usable (torch >= 2.8; cleared when a call fails). The Triton head's
-#: gemm mode is the CUDA default only while it is.
-_OUT_DTYPE_MM = [_torch_at_least(2, 8)]
-_OUT_DTYPE_ADDMM = [True]
-
-
-def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with an fp32 accumulator; half-precision products are not rounded before the sum."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b.float() if b.dtype != torch.float32 else b)
-        return
-    if acc.device.type == "cuda" and _OUT_DTYPE_ADDMM[0]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):  # a torch without addmm(out_dtype=): upcast instead
-            _OUT_DTYPE_ADDMM[0] = False
-    acc.addmm_(a.float(), b.float())
 
 
 class _ChunkedLogits(torch.autograd.Function):

@@ -1,69 +1,6 @@
-"""Loss-fused LM head: the gradient of a closed-form per-token loss is formed in the forward pass (6NdV).
-
-``fused_linear_loss(hidden, weight, targets, loss_fn)`` returns ``sum_t loss_fn(lp, H, rows)_t`` for the policy
-``softmax((hidden @ weight.T + bias) / T)`` and, already in the forward, the gradients of that sum w.r.t. ``hidden``,
-``weight`` and ``bias``. Its backward only scales the stored gradients by the incoming scalar gradient.
-
-Why it is cheaper (FLOPs of the matmuls; ``N`` valid tokens, ``d`` hidden size, ``V`` vocabulary)
---------------------------------------------------------------------------------------------------
-The recomputing fused head (:mod:`.chunked`, :mod:`.triton_linear`) keeps only ``(lse, H)`` per token:
-
-- forward: logits ``2NdV``;
-- backward: logits again ``2NdV``, ``grad_hidden = dz @ W`` ``2NdV``, ``grad_weight = dz^T @ h`` ``2NdV``;
-- total ``8NdV``. It must recompute because ``dz`` needs ``g_lp``/``g_H``, which exist only after the whole loss.
-
-When the per-token loss is a known function of ``(lp, H)`` the upstream gradients ``g_lp = dL/dlp`` and
-``g_H = dL/dH`` of a token are available as soon as that token's ``lse`` and ``H`` are, i.e. after one full pass
-over its vocabulary. Recomputing the tiles inside the forward (a second tile pass after the statistics) would
-still cost ``8NdV``. So this module keeps the **whole-vocabulary logits of one token chunk** in memory instead:
-
-- per token chunk of ``n`` tokens: logits ``[n, V]`` once (``2ndV``), ``lse``/``H``/``lp`` from the stored chunk,
-  ``g_lp``/``g_H`` by autograd on the tiny per-token graph of ``loss_fn``, ``dz`` formed in place in the stored
-  chunk, then ``grad_hidden[chunk] = dz @ W`` (``2ndV``) and ``grad_weight += dz^T @ h`` (``2ndV``);
-- total ``6NdV`` and no logits recompute in backward; ``4NdV`` when the weight is frozen (no ``grad_weight``
-  GEMM: e.g. LoRA with a frozen LM head), ``2NdV`` when nothing needs a gradient (evaluation).
-
-The price is memory: the chunk buffer ``n x V`` in the statistics dtype (fp32; fp64 for fp64 inputs) plus, for a
-half-precision compute dtype, ``dz`` cast to it for the GEMMs — ``n`` is chosen so that these fit in
-``chunk_budget_bytes`` (default :data:`CHUNK_BUDGET_BYTES`, 256 MiB: e.g. ~290 tokens for ``V = 151936`` in bf16;
-vocabulary sub-block temporaries of :data:`.chunked.VOCAB_CHUNK` columns come on top). And the gradients live from
-the forward to the backward: ``grad_weight [V, d]`` / ``grad_bias [V]`` in the parameters' dtypes and
-``grad_hidden [N, d]`` in the hidden's dtype, where the recomputing path holds only ``(lse, H)`` per token.
-The backward allocates one more copy of each (scaled by the incoming gradient; a copy, so a retained graph can run
-backward twice).
-
-Exactness and what ``loss_fn`` may do
--------------------------------------
-``loss_fn(logprobs [n], entropy [n], rows [n]) -> per_token_loss [n]`` is called once per token chunk, on the
-chunk's valid tokens only (``targets != ignore_index``; ignored tokens never reach it and contribute 0). ``rows``
-are the tokens' positions in ``[0, N)``, so ``loss_fn`` can read per-token constants captured in a closure
-(advantages, old log-probs, masks, weights). The total loss is the sum of all returned values; fold any normalizer
-(global token count, ...) into ``loss_fn``. The result is exact (same value and gradients as autograd through
-:func:`.reference.reference_linear_token_stats` + ``loss_fn``) whenever the total is a sum over token chunks of a
-function of that chunk's statistics — always the case for a per-token loss.
-
-Captured tensors are constants: they get no gradient (a learned coefficient needs its own loss, as SAC's log-α has).
-
-DPO does not fit. Its loss ``-log sigmoid(beta [(sum lp_c - sum lp_ref_c) - (sum lp_r - sum lp_ref_r)])`` couples
-every token of the chosen and the rejected sequence: a token's ``g_lp`` depends on sequence sums that are complete
-only after all chunks holding those sequences were seen. A chunk boundary inside a pair makes the per-chunk autograd
-see partial sums (wrong gradients), and token chunks follow the compacted valid tokens, not sequence boundaries.
-Getting those sums first and then the gradients needs the logits twice (the ``8NdV`` of the recomputing path), so
-DPO uses :func:`llm_entreg.ops.linear_logprob_and_entropy` (sequence sums of its outputs) instead.
-
-Backends:
-
-- ``"chunked"``: plain torch on the stored chunk (several elementwise passes over ``[n, V]``), cuBLAS GEMMs on GPU;
-- ``"triton"``: the same chunk loop, but the chunk's statistics and ``dz`` come from the row kernels of
-  :mod:`.triton_logits` (one read pass for ``lse``/``H``/``lp``, one read + one half-precision write for ``dz``), so
-  the elementwise work moves ``~10`` bytes per logit instead of ``~70``; fp32/bf16/fp16 inputs;
-- ``"torch"``: materializes the ``[N, V]`` logits and runs ordinary autograd through the reference (tests, debugging);
-- ``"auto"``: ``"triton"`` on CUDA when Triton imports, else ``"chunked"``.
-
-On CUDA the default chunk budget is :data:`CUDA_CHUNK_BUDGET_BYTES` (1 GiB, ~1150 tokens at ``V = 151936``): each
-token chunk adds ``dz^T h`` into the fp32 ``grad_weight`` accumulator (one ``addmm(..., out_dtype=float32)``, which
-reads and writes the ``[V, d]`` fp32 accumulator), so fewer, larger chunks keep that traffic under the GEMM's time.
-The fp32 ``[V, d]`` accumulator itself (2.3 GiB at ``V = 151936, d = 4096``) is the memory price of this path.
+"""Loss-fused LM head: the gradient of a closed-form per-token loss of ``(log p_y, H)`` is formed in the forward
+pass, one token chunk of whole-vocabulary logits at a time (6NdV instead of 8NdV). Theory, memory and what
+``loss_fn`` may do: docs/kernels.md ("Loss-fused head").
 """
 
 from __future__ import annotations
@@ -72,8 +9,9 @@ from typing import Callable
 
 import torch
 
-from ._common import TokenStats, gathered_params
-from .chunked import _NEG_BIG, VOCAB_CHUNK, _addmm_f32, _grad_tile, _logits_tile
+from ._common import TokenStats, check_linear, gathered_params, resolve_backend
+from ._tiles import NEG_BIG, addmm_f32, grad_tile, logits_tile
+from .chunked import VOCAB_CHUNK
 from .reference import reference_linear_token_stats
 
 
@@ -90,7 +28,7 @@ triton_logits = _LazyTritonLogits()
 
 #: Default memory budget of one token chunk's stored logits (+ their half-precision ``dz`` copy), in bytes.
 CHUNK_BUDGET_BYTES = 256 * 2**20
-#: The default budget on CUDA (see the module docstring).
+#: The default budget on CUDA (docs/kernels.md: fewer, larger chunks keep the fp32 grad_weight traffic low).
 CUDA_CHUNK_BUDGET_BYTES = 2**30
 #: Token chunks above this size are rounded down to a multiple of it (GEMM-friendly shapes).
 _CHUNK_ALIGN = 64
@@ -102,8 +40,8 @@ __all__ = [
     "CHUNK_BUDGET_BYTES",
     "CUDA_CHUNK_BUDGET_BYTES",
     "FUSED_LOSS_BACKENDS",
+    "LossFn",
     "fused_linear_loss",
-    "ppo_clip_token_loss",
     "token_chunk_for_budget",
 ]
 
@@ -124,8 +62,8 @@ def token_chunk_for_budget(n_vocab: int, compute_dtype: torch.dtype, budget_byte
 
 
 def _logits_into(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``h @ w.T + b`` as a fresh ``dtype`` tensor (fp32 from half-precision operands: :func:`.chunked._logits_tile`)."""
-    return _logits_tile(h, w, b).to(dtype)
+    """``h @ w.T + b`` as a fresh ``dtype`` tensor (fp32 from half-precision operands: :func:`._tiles.logits_tile`)."""
+    return logits_tile(h, w, b).to(dtype)
 
 
 def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -133,7 +71,7 @@ def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b if b.dtype == acc.dtype else b.to(acc.dtype))
     else:
-        _addmm_f32(acc, a, b)
+        addmm_f32(acc, a, b)
 
 
 def _chunk_stats(z: torch.Tensor, tgt: torch.Tensor, guard: bool, vsub: int):
@@ -146,7 +84,7 @@ def _chunk_stats(z: torch.Tensor, tgt: torch.Tensor, guard: bool, vsub: int):
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     z.sub_(shift.unsqueeze(1))
     if guard:  # -inf logits (masked vocabulary): exp gives 0 and 0 * (-1e30) is 0, never NaN
-        z.clamp_(min=_NEG_BIG)
+        z.clamp_(min=NEG_BIG)
     s = torch.zeros(n, dtype=z.dtype, device=z.device)
     t = torch.zeros_like(s)
     for v0 in range(0, n_vocab, vsub):
@@ -239,7 +177,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                     else:
                         for v0 in range(0, n_vocab, vsub):  # dz in place in the stored chunk, sub-block by sub-block
                             blk = z[:, v0 : v0 + vsub]
-                            dz = _grad_tile(blk, tgt_c - v0, log_s, ent, g_lp, g_h, inv_t, guard)
+                            dz = grad_tile(blk, tgt_c - v0, log_s, ent, g_lp, g_h, inv_t, guard)
                             if dz.data_ptr() != blk.data_ptr():
                                 blk.copy_(dz)
                         if gb is not None:
@@ -288,12 +226,12 @@ def fused_linear_loss(
         targets: ``[N]`` token ids; ``ignore_index`` positions are skipped (no loss, zero gradient).
         loss_fn: ``(logprobs [n], entropy [n], rows [n]) -> per_token_loss [n]``, differentiable in the first two;
             called once per token chunk on its valid tokens (``rows``: their positions in ``[0, N)``). See the
-            module docstring for what it may capture and why sequence-level losses (DPO) do not fit.
+            docs/kernels.md ("Loss-fused head") for what it may capture and why DPO needs whole pairs.
         temperature: the policy is ``softmax(logits / temperature)``.
         backend: ``"auto"`` (``"triton"`` on CUDA, else ``"chunked"``), ``"chunked"`` (torch elementwise ops on the
             stored chunk), ``"triton"`` (row kernels on the stored chunk) or ``"torch"`` (materialized reference).
         token_chunk: tokens per chunk; default: as many as fit ``chunk_budget_bytes`` (``n x V`` stored logits).
-        chunk_budget_bytes: memory budget of one chunk's stored logits (see the module docstring); default
+        chunk_budget_bytes: memory budget of one chunk's stored logits (docs/kernels.md); default
             :data:`CUDA_CHUNK_BUDGET_BYTES` on CUDA, :data:`CHUNK_BUDGET_BYTES` elsewhere.
 
     Returns:
@@ -301,9 +239,7 @@ def fused_linear_loss(
         ``weight``, ``bias`` (its backward only scales gradients computed in the forward), and the per-token
         ``TokenStats(logprobs, entropy)`` ``[N]`` in the loss dtype (detached; 0 at ignored positions) for logging.
     """
-    from . import _check_linear, resolve_backend  # shared checks (late import: this module is exported there)
-
-    compute_dtype = _check_linear(hidden, weight, bias, targets, temperature, ignore_index)
+    compute_dtype = check_linear(hidden, weight, bias, targets, temperature, ignore_index)
     if not callable(loss_fn):
         raise ValueError(f"loss_fn: expected a callable (logprobs, entropy, rows) -> per-token loss, got {loss_fn!r}")
     if backend not in FUSED_LOSS_BACKENDS:
@@ -345,58 +281,3 @@ def fused_linear_loss(
     cfg = (float(temperature), int(ignore_index), compute_dtype, tc, need, backend == "triton")
     loss, lp, ent = _FusedLinearLoss.apply(hidden, weight, bias, targets.reshape(-1), loss_fn, cfg)
     return loss, TokenStats(lp, ent)
-
-
-def ppo_clip_token_loss(
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    entropy_coef: float = 0.0,
-    normalizer: float | torch.Tensor = 1.0,
-) -> LossFn:
-    """``loss_fn`` for :func:`fused_linear_loss`: PPO clipped surrogate with a token-level entropy bonus.
-
-    With ``rho_t = exp(lp_t - old_lp_t)`` (log-ratio clamped to ``[-20, 20]``, as in
-    :func:`llm_entreg.rl.ppo_policy_loss`)::
-
-        L_t = mask_t * ( max(-A_t rho_t, -A_t clip(rho_t, 1 - clip_low, 1 + clip_high))
-                         - entropy_coef * H_t ) / normalizer
-
-    i.e. ``-min(rho A, clip(rho) A) - beta H``. ``old_logprobs``, ``advantages``, ``mask`` are ``[N]``, aligned with
-    the flattened ``hidden`` rows (detached here). ``mask`` may be a float weight: ``token-mean`` is a 0/1 mask with
-    ``normalizer`` = the (global) token count; ``seq-mean-token-mean`` is ``mask = 1 / len(sequence)`` with
-    ``normalizer`` = the (global) sequence count. Masked-out tokens (``mask == 0``) contribute exactly 0 even where
-    their constants hold NaN/inf padding.
-    """
-    from ..rl.ppo import check_clip_range, clipped_surrogate
-
-    check_clip_range(clip_low, clip_high)
-    shape = tuple(old_logprobs.shape)
-    for name, t in (("advantages", advantages), ("mask", mask)):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match old_logprobs {shape}")
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.detach()
-        if bool((normalizer <= 0).any()):
-            raise ValueError("normalizer: must be > 0")
-    elif not normalizer > 0:
-        raise ValueError(f"normalizer: must be > 0, got {normalizer}")
-    old_flat = old_logprobs.detach().reshape(-1)
-    adv_flat = advantages.detach().reshape(-1)
-    mask_flat = mask.detach().reshape(-1)
-
-    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        dt = logprobs.dtype
-        weight = mask_flat[rows].to(dt)
-        on = weight != 0
-        zero = torch.zeros((), dtype=dt, device=logprobs.device)
-        old = torch.where(on, old_flat[rows].to(dt), zero)
-        adv = torch.where(on, adv_flat[rows].to(dt), zero)
-        lp = torch.where(on, logprobs, zero)
-        surrogate, _ = clipped_surrogate(lp, old, adv, clip_low, clip_high)
-        per_token = surrogate - entropy_coef * torch.where(on, entropy, zero)
-        return per_token * weight / normalizer
-
-    return loss_fn

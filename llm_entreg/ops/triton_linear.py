@@ -34,9 +34,7 @@ import triton
 import triton.language as tl
 
 from ._common import TokenStats, gathered_params
-from . import chunked
-from .chunked import _addmm_f32
-from .chunked import _logits_tile as _logits_f32
+from ._tiles import addmm_f32, logits_tile as logits_f32, mm_out_dtype_available
 from .triton_logits import round_to_bf16
 
 #: Tile sizes under the Triton interpreter (CPU tensors) and the fallback elsewhere; tests lower them so that every
@@ -128,7 +126,7 @@ def head_mode(device: torch.device) -> str:
         if env not in HEAD_MODES:
             raise ValueError(f"LLM_ENTREG_TRITON_HEAD: expected one of {HEAD_MODES}, got {env!r}")
         return env
-    return "gemm" if device.type == "cuda" and chunked._OUT_DTYPE_MM[0] else "tiles"
+    return "gemm" if device.type == "cuda" and mm_out_dtype_available() else "tiles"
 
 
 def set_kernel_config(kernel: str, config: "KernelConfig | str | None") -> None:
@@ -518,7 +516,7 @@ def _forward_stats_gemm(h, weight, bias, targets, temperature, compute_dtype, wa
     never = -(2**62)  # every target here is valid
     for r0 in range(0, n, tc):
         r1 = min(r0 + tc, n)
-        z = _logits_f32(h[r0:r1].to(compute_dtype), w, b, out=buf[: (r1 - r0) * v].view(r1 - r0, v))
+        z = logits_f32(h[r0:r1].to(compute_dtype), w, b, out=buf[: (r1 - r0) * v].view(r1 - r0, v))
         views = [None if key not in out else out[key][r0:r1]
                  for key in ("logprobs", "entropy", "lse", "mean_logits", "is_top1", "log_sum_sq_probs")]
         row_stats(z, targets[r0:r1], temperature, never, want_mean, want_top1, want_lssp, out=views)
@@ -539,7 +537,7 @@ def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
     elif out.dtype == torch.float32:
         if not accumulate:
             out.zero_()
-        _addmm_f32(out, a, b)
+        addmm_f32(out, a, b)
     else:  # e.g. fp16 parameters under a bf16 autocast: through an fp32 temporary
         prod = a.float() @ b.float()
         out.add_(prod) if accumulate else out.copy_(prod)
@@ -555,7 +553,7 @@ def _dz_gemm(buf, h, w, b, targets, c0, lse, ent, g_lp, g_h, temperature, cdt):
     from .triton_logits import row_grad
 
     rows, cols = h.shape[0], w.shape[0]
-    z = _logits_f32(h, w, b, out=buf[: rows * cols].view(rows, cols))
+    z = logits_f32(h, w, b, out=buf[: rows * cols].view(rows, cols))
     if cdt == torch.float32:
         dz = z
     else:

@@ -1,49 +1,7 @@
-"""Reduce a per-token tensor ``[B, T]`` to the scalar that enters the loss.
-
-Four modes, named as in verl / TRL so users carry their habits over:
-
-``token-mean`` (default)
-    ``sum_{b,t} m_bt * v_bt / N`` with ``N`` the number of masked tokens. Every token weighs the same,
-    whatever sequence it belongs to (TRL ``bnpo`` / ``dapo``, verl ``token-mean``).
-``seq-mean-token-mean``
-    ``1/S * sum_b (sum_t m_bt v_bt / sum_t m_bt)``: mean per sequence, then mean over sequences
-    (TRL ``grpo``, the original GRPO paper). Short sequences weigh more per token.
-``seq-mean-token-sum``
-    ``1/S * sum_b sum_t m_bt v_bt``: per-sequence sum, then mean over sequences. This is the sequence-level
-    estimator: on-policy, ``E[sum_t H_t] = H(pi(y|x))`` by the chain rule.
-``seq-mean-token-sum-norm``
-    ``1/S * sum_b sum_t m_bt v_bt / max_len`` with ``max_len`` a *constant* (e.g. ``max_completion_length``):
-    Dr. GRPO's unbiased normalisation (TRL ``dr_grpo``). Equals ``seq-mean-token-sum / max_len``.
-
-Here ``S`` is the number of sequences (rows) -- every row counts, including an *empty* row (all-zero mask),
-which contributes 0 to the numerator (as in TRL's ``grpo`` loss). No mode ever returns NaN: a zero denominator
-is replaced by 1 (its numerator is then 0 as well). Values at masked-out positions are never read, so padding
-may hold NaN/inf.
-
-Global normalizers -- the contract
-----------------------------------
-A user's coefficient must mean the same at 1 GPU or 64, gradient accumulation (GA) 1 or 16. With
-``W`` data-parallel ranks, each running ``G`` micro-batches per optimizer step, let micro-batch ``(r, g)`` hold
-masked sum ``S_rg`` and ``n_rg`` masked tokens, and ``N = sum_{r,g} n_rg`` (the *global token count* of the
-optimizer step; :func:`global_token_and_seq_counts` computes it). Passing ``global_token_count=N`` makes
-``aggregate`` return ``c_rg = S_rg / N``, so that
-
-1. ``sum_{r,g} c_rg = sum S / N`` -- the exact token-mean over the concatenated global batch;
-2. gradient accumulation *sums* the ``G`` micro-batch gradients on a rank (``sum_g grad c_rg``);
-3. DDP (and DeepSpeed ZeRO, FSDP) then *average* over the ``W`` ranks, which divides by ``W``.
-
-So the gradient that reaches the optimizer is ``(1/W) * grad(global mean)``. **The caller must multiply each
-contribution by ``W``** before ``backward`` -- and additionally by ``G`` if the framework divides the loss by
-the GA steps itself (HF ``Trainer.training_step`` does, unless the loss is flagged as already scaled for GA;
-Accelerate's ``accelerator.backward`` does when it was built with ``gradient_accumulation_steps > 1``, which HF
-``Trainer`` avoids by giving it 1; DeepSpeed's engine does unless ``scale_wrt_gas=False``, which HF ``Trainer``
-passes).
-:func:`global_mean_loss_scale` returns exactly that factor. Apply it once: HF ``Trainer.compute_loss`` already
-multiplies by ``num_processes`` when ``average_tokens_across_devices`` is on and the model accepts loss kwargs.
-
-The same holds for the sequence modes with ``global_seq_count`` (the number of rows summed over ranks and
-micro-batches). Without a global count, each mode normalises by the local micro-batch (which equals the global
-mean only when every micro-batch has the same count).
+"""Reduce a per-token tensor ``[B, T]`` to the scalar that enters the loss (four ``loss_agg_mode``s, named as in
+verl / TRL), with global (cross-rank, cross-accumulation) normalizers so a coefficient means the same at any world
+size and accumulation. :func:`token_weights` gives the per-token weights of the same reduction. The modes and the
+normalizer contract: docs/formulations.md ("Aggregation modes and the global normalizer").
 """
 
 from __future__ import annotations
@@ -88,6 +46,15 @@ def _count_tensor(count: Count, field: str, like: torch.Tensor) -> torch.Tensor:
     return c
 
 
+def _check_max_len(max_len: int | None) -> None:
+    if max_len is None:
+        raise ValueError(
+            "max_len: required for loss_agg_mode='seq-mean-token-sum-norm' (a constant, e.g. max_completion_length)"
+        )
+    if max_len <= 0:
+        raise ValueError(f"max_len: must be > 0, got {max_len}")
+
+
 def masked_values(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(values * mask, mask)`` in the accumulation dtype (at least float32).
 
@@ -117,11 +84,11 @@ def aggregate(
     Args:
         values: per-token values (differentiable).
         mask: which tokens count; may be a float weight.
-        mode: one of :data:`LOSS_AGG_MODES` (see the module docstring).
+        mode: one of :data:`LOSS_AGG_MODES` (docs/formulations.md has the formulas).
         global_token_count: ``token-mean`` only -- the number of masked tokens summed over data-parallel ranks
             and the gradient-accumulation micro-batches of the optimizer step. The result is then this
-            micro-batch's *share* ``sum / global_token_count``; see the module docstring for the factor the
-            caller must apply (:func:`global_mean_loss_scale`). Ignored by the other modes.
+            micro-batch's *share* ``sum / global_token_count``; see :func:`global_mean_loss_scale` for the factor the
+            caller must apply (:func:`global_mean_loss_scale`, docs/formulations.md). Ignored by the other modes.
         global_seq_count: ``seq-*`` modes only -- the number of sequences (rows, empty ones included) summed
             over ranks and micro-batches. Ignored by ``token-mean``.
         max_len: ``seq-mean-token-sum-norm`` only (required there) -- the constant per-sequence divisor, e.g.
@@ -142,12 +109,7 @@ def aggregate(
     elif mode == "seq-mean-token-sum":
         per_seq = v.sum(-1)
     else:  # seq-mean-token-sum-norm
-        if max_len is None:
-            raise ValueError(
-                "max_len: required for loss_agg_mode='seq-mean-token-sum-norm' (a constant, e.g. max_completion_length)"
-            )
-        if max_len <= 0:
-            raise ValueError(f"max_len: must be > 0, got {max_len}")
+        _check_max_len(max_len)
         per_seq = v.sum(-1) / max_len
 
     if global_seq_count is None:
@@ -155,6 +117,43 @@ def aggregate(
     else:
         denom = _count_tensor(global_seq_count, "global_seq_count", v)
     return per_seq.sum() / _safe_denominator(denom)
+
+
+def token_weights(
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    *,
+    global_token_count: Count | None = None,
+    global_seq_count: Count | None = None,
+    max_len: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-token weights ``w [B, T]`` of :func:`aggregate`: ``aggregate(v, mask, mode, **kw) == (w * v).sum()``.
+
+    Same arguments and normalizers as :func:`aggregate` (a float ``mask`` is a weight and enters ``w``); ``w`` is 0
+    where ``mask`` is 0 and carries no gradient. ``dtype``: the weights' dtype (default: at least float32). This is
+    how a term whose gradient is formed elsewhere (the loss-fused head) gets exactly the aggregation's scaling.
+    """
+    check_loss_agg_mode(mode, "mode")
+    if mask.ndim != 2:
+        raise ValueError(f"mask: expected shape [B, T], got {tuple(mask.shape)}")
+    acc = dtype or torch.promote_types(mask.dtype if mask.dtype.is_floating_point else torch.float32, torch.float32)
+    m = mask.detach().to(acc)
+    if mode == "token-mean":
+        denom = m.sum() if global_token_count is None else _count_tensor(global_token_count, "global_token_count", m)
+        return m / _safe_denominator(denom)
+    if mode == "seq-mean-token-mean":
+        per_token = m / _safe_denominator(m.sum(-1, keepdim=True))
+    elif mode == "seq-mean-token-sum":
+        per_token = m
+    else:  # seq-mean-token-sum-norm
+        _check_max_len(max_len)
+        per_token = m / max_len
+    if global_seq_count is None:
+        denom = torch.tensor(float(mask.shape[0]), dtype=acc, device=mask.device)
+    else:
+        denom = _count_tensor(global_seq_count, "global_seq_count", m)
+    return per_token / _safe_denominator(denom)
 
 
 def local_token_and_seq_counts(masks: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

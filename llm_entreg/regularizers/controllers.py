@@ -16,7 +16,6 @@ Every source implements :class:`CoefficientSource`, so a trainer treats them ali
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -117,8 +116,8 @@ class ScheduledCoefficient(CoefficientSource):
     def __init__(self, schedule: Schedule, *, allow_entropy_minimization: bool = False) -> None:
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
-        check_entropy_coef(schedule.start, allow_entropy_minimization, field="start")
-        check_entropy_coef(schedule.end, allow_entropy_minimization, field="end")
+        check_entropy_coef(schedule.entropy_coef, allow_entropy_minimization, field="entropy_coef")
+        check_entropy_coef(schedule.entropy_coef_end, allow_entropy_minimization, field="entropy_coef_end")
         self.schedule = schedule
         self.num_steps = 0
 
@@ -253,14 +252,14 @@ class LearnedAlpha(CoefficientSource):
     detached ``alpha`` -- the policy loss must not differentiate through it.
 
     Args:
-        init_alpha: initial ``alpha``, default 1e-3. ``> 0``. LM RL token-level bonuses are ~0 to 1e-4; 1e-3 is a
+        entropy_coef: initial ``alpha``, default 1e-3. ``> 0``. LM RL token-level bonuses are ~0 to 1e-4; 1e-3 is a
             deliberately high start that the controller can only lower toward the target.
-        target_entropy: absolute target ``H*`` in nats (``>= 0``). SAC uses ``-|A|`` for continuous actions
+        entropy_target: absolute target ``H*`` in nats (``>= 0``). SAC uses ``-|A|`` for continuous actions
             (``-dim(A)``), ``0.98 log|A|`` for discrete ones -- both meaningless for LM vocabularies, hence:
-        target_entropy_ratio: ``H* = ratio * H_0`` with ``H_0`` the entropy measured on the first
-            :meth:`step`; in ``(0, 1]``. Give at most one of the two; neither means ``ratio = 0.5``.
-        lr: Adam learning rate on ``log_alpha``, default 1e-2 (a few hundred RL steps; SAC's 3e-4 assumes
-            ~1e6 environment steps). ``> 0``.
+        entropy_target_ratio: ``H* = ratio * H_0`` with ``H_0`` the entropy measured on the first :meth:`step`; in
+            ``(0, 1]``. Give at most one of the two; neither means ``ratio = 0.5``.
+        entropy_alpha_lr: Adam learning rate on ``log_alpha``, default 1e-2 (a few hundred RL steps; SAC's 3e-4
+            assumes ~1e6 environment steps). ``> 0``.
         min_alpha, max_alpha: optional clamps on ``alpha`` after each step (default none).
     """
 
@@ -269,37 +268,39 @@ class LearnedAlpha(CoefficientSource):
 
     def __init__(
         self,
-        init_alpha: float = 1e-3,
-        target_entropy: float | None = None,
-        target_entropy_ratio: float | None = None,
-        lr: float = 1e-2,
+        entropy_coef: float = 1e-3,
+        entropy_target: float | None = None,
+        entropy_target_ratio: float | None = None,
+        entropy_alpha_lr: float = 1e-2,
         min_alpha: float | None = None,
         max_alpha: float | None = None,
     ) -> None:
-        init_alpha = _finite(init_alpha, "init_alpha")
+        init_alpha = _finite(entropy_coef, "entropy_coef")
         if init_alpha <= 0:
-            raise ValueError(f"init_alpha: must be > 0 (alpha = exp(log_alpha)), got {init_alpha}")
-        if target_entropy is not None and target_entropy_ratio is not None:
-            raise ValueError("target_entropy: give either target_entropy or target_entropy_ratio, not both")
-        if target_entropy is not None:
-            target_entropy = _finite(target_entropy, "target_entropy")
+            raise ValueError(f"entropy_coef: learned_alpha needs an initial alpha > 0 (alpha = exp(log_alpha)), "
+                             f"got {entropy_coef}")
+        if entropy_target is not None and entropy_target_ratio is not None:
+            raise ValueError("entropy_target_ratio: give either entropy_target or entropy_target_ratio, not both")
+        target_entropy = target_entropy_ratio = None
+        if entropy_target is not None:
+            target_entropy = _finite(entropy_target, "entropy_target")
             if target_entropy < 0:
-                raise ValueError(f"target_entropy: must be >= 0 (nats), got {target_entropy}")
+                raise ValueError(f"entropy_target: must be >= 0 (nats), got {entropy_target}")
         else:
-            ratio = 0.5 if target_entropy_ratio is None else _finite(target_entropy_ratio, "target_entropy_ratio")
+            ratio = 0.5 if entropy_target_ratio is None else _finite(entropy_target_ratio, "entropy_target_ratio")
             if not 0 < ratio <= 1:
-                raise ValueError(f"target_entropy_ratio: must be in (0, 1], got {target_entropy_ratio}")
+                raise ValueError(f"entropy_target_ratio: must be in (0, 1], got {entropy_target_ratio}")
             target_entropy_ratio = ratio
-        lr = _finite(lr, "lr")
+        lr = _finite(entropy_alpha_lr, "entropy_alpha_lr")
         if lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {lr}")
+            raise ValueError(f"entropy_alpha_lr: must be > 0, got {entropy_alpha_lr}")
         for name, bound in (("min_alpha", min_alpha), ("max_alpha", max_alpha)):
             if bound is not None and not _finite(bound, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {bound}")
         if min_alpha is not None and max_alpha is not None and max_alpha < min_alpha:
             raise ValueError(f"max_alpha: {max_alpha} is below min_alpha={min_alpha}")
         if (min_alpha is not None and init_alpha < min_alpha) or (max_alpha is not None and init_alpha > max_alpha):
-            raise ValueError(f"init_alpha: {init_alpha} outside [min_alpha, max_alpha]")
+            raise ValueError(f"entropy_coef: initial alpha {init_alpha} outside [min_alpha, max_alpha]")
 
         self.target_entropy: float | None = target_entropy
         self.target_entropy_ratio: float | None = target_entropy_ratio
@@ -363,72 +364,60 @@ CONTROLLERS: dict[str, type[CoefficientSource]] = {
 CONTROLLER_ALIASES: dict[str, str] = {"skywork": "target_entropy", "adaptive": "target_entropy", "sac": "learned_alpha"}
 
 
-def _check_kwargs(kwargs: dict[str, Any], target: Any, what: str, reserved: str) -> None:
-    params = [p for p in inspect.signature(target).parameters if p not in ("self", "allow_entropy_minimization")]
-    if "allow_entropy_minimization" in kwargs:
-        raise ValueError("allow_entropy_minimization: pass it to make_coefficient, not in controller_kwargs")
-    if reserved in kwargs:
-        raise ValueError(f"{reserved}: set by entropy_coef for the {what}; do not pass it again")
-    for key in kwargs:
-        if key not in params:
-            raise ValueError(f"{key}: not a parameter of the {what}; expected one of {params}")
-
-
 def make_coefficient(
     entropy_coef: float = 0.0,
     *,
-    schedule: str | None = None,
-    schedule_kwargs: dict[str, Any] | None = None,
-    controller: str | None = None,
-    controller_kwargs: dict[str, Any] | None = None,
+    entropy_schedule: str | None = None,
+    entropy_coef_end: float = 0.0,
+    entropy_schedule_steps: int | None = None,
+    entropy_warmup_steps: int = 0,
+    entropy_controller: str | None = None,
+    entropy_target: float | None = None,
+    entropy_target_ratio: float | None = None,
+    entropy_coef_delta: float = 0.005,
+    entropy_coef_min: float = 0.0,
+    entropy_coef_max: float = 1.0,
+    entropy_alpha_lr: float = 1e-2,
     allow_entropy_minimization: bool = False,
 ) -> CoefficientSource:
-    """Build a :class:`CoefficientSource` from plain config values.
+    """Build a :class:`CoefficientSource` from the config's entropy fields (same names, same meaning).
 
-    - neither ``schedule`` nor ``controller``: :class:`ConstantCoefficient` (``entropy_coef``);
-    - ``schedule`` (``constant``/``linear``/``exponential``/``cosine``): :class:`ScheduledCoefficient` with
-      ``start = entropy_coef`` and ``schedule_kwargs`` (``end``, ``total_steps``, ``warmup_steps``);
-    - ``controller="target_entropy"`` (aliases ``skywork``, ``adaptive``): :class:`TargetEntropyController` with
-      initial ``entropy_coef`` and ``controller_kwargs``;
-    - ``controller="learned_alpha"`` (alias ``sac``): :class:`LearnedAlpha` with ``init_alpha = entropy_coef``
-      (must be > 0).
+    - neither ``entropy_schedule`` nor ``entropy_controller``: :class:`ConstantCoefficient` (``entropy_coef``);
+    - ``entropy_schedule`` (``constant``/``linear``/``exponential``/``cosine``): :class:`ScheduledCoefficient` from
+      ``entropy_coef`` to ``entropy_coef_end`` over ``entropy_schedule_steps`` (required) after
+      ``entropy_warmup_steps``;
+    - ``entropy_controller="target_entropy"`` (aliases ``skywork``, ``adaptive``): :class:`TargetEntropyController`
+      (``entropy_target`` default 0.2, ``entropy_coef_delta``, ``entropy_coef_min``, ``entropy_coef_max``);
+    - ``entropy_controller="learned_alpha"`` (alias ``sac``): :class:`LearnedAlpha` with initial alpha
+      ``entropy_coef`` (> 0), ``entropy_target`` or ``entropy_target_ratio``, ``entropy_alpha_lr``.
 
-    A schedule and a controller cannot be combined. Invalid values raise ``ValueError`` naming the field.
+    A schedule and a controller cannot be combined; fields of the other kinds are ignored. Invalid values raise
+    ``ValueError`` naming the field.
     """
-    schedule_kwargs = dict(schedule_kwargs or {})
-    controller_kwargs = dict(controller_kwargs or {})
-    if schedule is not None and controller is not None:
-        raise ValueError("controller: cannot combine a schedule and a controller; choose one")
-    if schedule_kwargs and schedule is None:
-        raise ValueError("schedule_kwargs: given without a schedule name")
-    if controller_kwargs and controller is None:
-        raise ValueError("controller_kwargs: given without a controller name")
-
-    if schedule is not None:
-        for key in ("start", "value"):
-            if key in schedule_kwargs:
-                raise ValueError(f"{key}: the schedule starts at entropy_coef; do not pass {key} in schedule_kwargs")
-        sched = make_schedule(schedule, start=_finite(entropy_coef, "entropy_coef"), **schedule_kwargs)
+    if entropy_schedule is not None and entropy_controller is not None:
+        raise ValueError("entropy_controller: cannot combine a schedule and a controller; choose one")
+    if entropy_schedule is not None:
+        if entropy_schedule_steps is None:
+            raise ValueError("entropy_schedule_steps: required for a schedule when max_steps is not set (> 0)")
+        sched = make_schedule(
+            entropy_schedule, entropy_coef=_finite(entropy_coef, "entropy_coef"), entropy_coef_end=entropy_coef_end,
+            entropy_schedule_steps=entropy_schedule_steps, entropy_warmup_steps=entropy_warmup_steps,
+        )
         return ScheduledCoefficient(sched, allow_entropy_minimization=allow_entropy_minimization)
-
-    if controller is not None:
-        name = CONTROLLER_ALIASES.get(controller, controller)
-        if name not in CONTROLLERS:
-            raise ValueError(
-                f"controller: unknown controller {controller!r}; choose from {tuple(CONTROLLERS)} "
-                f"(aliases {sorted(CONTROLLER_ALIASES)})"
-            )
-        if name == "target_entropy":
-            _check_kwargs(controller_kwargs, TargetEntropyController, "target_entropy controller", "entropy_coef")
-            return TargetEntropyController(
-                entropy_coef, allow_entropy_minimization=allow_entropy_minimization, **controller_kwargs
-            )
-        _check_kwargs(controller_kwargs, LearnedAlpha, "learned_alpha controller", "init_alpha")
-        if not _finite(entropy_coef, "entropy_coef") > 0:
-            raise ValueError(f"entropy_coef: learned_alpha needs an initial alpha > 0, got {entropy_coef}")
-        return LearnedAlpha(init_alpha=entropy_coef, **controller_kwargs)
-
-    return ConstantCoefficient(entropy_coef, allow_entropy_minimization=allow_entropy_minimization)
+    if entropy_controller is None:
+        return ConstantCoefficient(entropy_coef, allow_entropy_minimization=allow_entropy_minimization)
+    name = CONTROLLER_ALIASES.get(entropy_controller, entropy_controller)
+    if name not in CONTROLLERS:
+        raise ValueError(
+            f"entropy_controller: unknown controller {entropy_controller!r}; choose from {tuple(CONTROLLERS)} "
+            f"(aliases {sorted(CONTROLLER_ALIASES)})"
+        )
+    if name == "target_entropy":
+        return TargetEntropyController(
+            entropy_coef, 0.2 if entropy_target is None else entropy_target, entropy_coef_delta, entropy_coef_min,
+            entropy_coef_max, allow_entropy_minimization=allow_entropy_minimization,
+        )
+    return LearnedAlpha(entropy_coef, entropy_target, entropy_target_ratio, entropy_alpha_lr)
 
 
 __all__ = [

@@ -1,34 +1,8 @@
 """Entropy bonus: per-token entropies in, a loss term or a per-token reward out.
 
-Three formulations (``entropy_level``), and the algorithms they fit:
-
-``"token"`` -- ``loss += -beta * agg(H_t)``
-    The classic actor-critic / PPO / A3C bonus and TRL GRPO's ``entropy_coef``: the per-token entropy of the
-    next-token distribution is differentiated directly (pathwise through the logits). Default aggregation
-    ``token-mean``; any mode of :mod:`.aggregation` is allowed. Fits **PPO** (actor loss), **GRPO** and its
-    variants (DAPO, Dr. GRPO -- pick the aggregation that matches the policy term). Optionally restricted to the
-    high-entropy minority of tokens (``top_entropy_quantile``, the 80/20 "forking tokens" idea).
-``"sequence"`` -- ``loss += -beta * mean_b sum_t H_bt``
-    By the chain rule, on-policy ``E[sum_t H_t] = H(pi(y|x))``, the entropy of the whole response. The
-    per-sequence *sum* (not mean) is what makes it a sequence entropy, so only ``seq-mean-token-sum``
-    (default; beta then scales with response length) and ``seq-mean-token-sum-norm`` (divide by a constant
-    ``max_len`` so beta stays on the per-token scale, Dr. GRPO style) are accepted. The gradient taken here is
-    the pathwise part only; the score-function part of the full sequence-entropy gradient is what the
-    ``"reward"`` level supplies. Fits **sequence-level objectives**: GSPO / sequence importance sampling and
-    **DPO** (whose implicit reward is a sequence log-ratio; there the entropies are measured on dataset
-    responses, so the identity above is a motivation, not an equality).
-``"reward"`` -- ``r_t += alpha * H_t`` (exact) or ``r_t -= alpha * log pi(a_t|s_t)`` (sampled)
-    Maximum-entropy RL (soft Q-learning / SAC): the bonus enters the reward, so it flows through returns,
-    the value function and the advantages -- and rewards *future* entropy, not just the current token's.
-    Fits **PPO-RLHF with a critic** (per-token rewards, GAE), exactly like KL-in-reward; use the sampled
-    variant when only log-probs of the taken tokens are available (then it is KL-in-reward against a uniform
-    reference, up to a constant). For GRPO the per-token bonus would have to be summed into the sequence
-    reward before group normalisation, which changes its scale -- prefer ``"token"`` there.
-
-Coefficient values from the literature: PPO on Atari ``entropy_coef = 0.01`` (0 on MuJoCo); LM RL uses ``0`` to
-``1e-4`` for a constant token-level bonus (vocabularies are large, entropy collapses or explodes easily),
-or a controller (:mod:`.controllers`). A negative coefficient *minimises* entropy; it is refused unless
-``allow_entropy_minimization=True``.
+Three formulations (``entropy_level``): ``"token"`` (``loss -= β agg(H_t)``), ``"sequence"`` (per-sequence sum,
+the chain-rule sequence entropy) and ``"reward"`` (``r_t += α H_t``, maximum-entropy RL). Which fits which algorithm,
+and the literature values: docs/formulations.md ("The three formulations").
 """
 
 from __future__ import annotations
@@ -193,12 +167,12 @@ class EntropyBonus:
             ``< 0`` only with ``allow_entropy_minimization``. Literature: PPO 0.01; LM RL ~0 to 1e-4 (token
             level); Skywork-OR1 starts at 0 and lets a controller move it. A controller may pass the
             coefficient per call instead (``coef=`` of the methods).
-        entropy_level: ``"token"`` (default), ``"sequence"`` or ``"reward"`` -- see the module docstring for
-            which algorithm each fits.
-        loss_agg_mode: aggregation of the loss levels. Default ``None`` = ``"token-mean"`` at token level,
+        entropy_level: ``"token"`` (default), ``"sequence"`` or ``"reward"`` (docs/formulations.md says which
+            algorithm each fits).
+        entropy_loss_agg_mode: aggregation of the loss levels. Default ``None`` = ``"token-mean"`` at token level,
             ``"seq-mean-token-sum"`` at sequence level (which accepts only :data:`SEQUENCE_AGG_MODES`). Must be
             ``None`` at reward level (the reward is per token).
-        top_entropy_quantile: fraction ``q`` in ``[0, 1]`` of the masked tokens, by entropy, that the bonus
+        entropy_bonus_top_quantile: fraction ``q`` in ``[0, 1]`` of the masked tokens, by entropy, that the bonus
             acts on. Default ``1.0`` (all). Literature: 0.2 (Wang et al. 2025, "Beyond the 80/20 rule",
             applied to the policy gradient). Token level only. The threshold is the ``1 - q`` quantile of
             this micro-batch unless ``threshold=`` is passed.
@@ -207,36 +181,39 @@ class EntropyBonus:
 
     entropy_coef: float = 0.0
     entropy_level: EntropyLevel = "token"
-    loss_agg_mode: str | None = None
-    top_entropy_quantile: float = 1.0
+    entropy_loss_agg_mode: str | None = None
+    entropy_bonus_top_quantile: float = 1.0
     allow_entropy_minimization: bool = False
 
     def __post_init__(self) -> None:
         if self.entropy_level not in ENTROPY_LEVELS:
             raise ValueError(f"entropy_level: unknown level {self.entropy_level!r}; choose from {ENTROPY_LEVELS}")
         check_entropy_coef(self.entropy_coef, self.allow_entropy_minimization)
-        if self.loss_agg_mode is not None:
-            check_loss_agg_mode(self.loss_agg_mode)
+        mode = self.entropy_loss_agg_mode
+        if mode is not None:
+            check_loss_agg_mode(mode, "entropy_loss_agg_mode")
             if self.entropy_level == "reward":
                 raise ValueError(
-                    "loss_agg_mode: must be None for entropy_level='reward' (the bonus is a per-token reward)"
+                    "entropy_loss_agg_mode: must be None for entropy_level='reward' (the bonus is a per-token reward)"
                 )
-            if self.entropy_level == "sequence" and self.loss_agg_mode not in SEQUENCE_AGG_MODES:
+            if self.entropy_level == "sequence" and mode not in SEQUENCE_AGG_MODES:
                 raise ValueError(
-                    f"loss_agg_mode: entropy_level='sequence' sums entropies over each sequence; choose from "
-                    f"{SEQUENCE_AGG_MODES}, got {self.loss_agg_mode!r}"
+                    f"entropy_loss_agg_mode: entropy_level='sequence' sums entropies over each sequence; choose from "
+                    f"{SEQUENCE_AGG_MODES}, got {mode!r}"
                 )
-        if not 0.0 <= self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile: must be in [0, 1], got {self.top_entropy_quantile}")
-        if self.top_entropy_quantile < 1.0 and self.entropy_level != "token":
+        q = self.entropy_bonus_top_quantile
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"entropy_bonus_top_quantile: must be in [0, 1], got {q}")
+        if q < 1.0 and self.entropy_level != "token":
             raise ValueError(
-                f"top_entropy_quantile: only supported at entropy_level='token', got level {self.entropy_level!r}"
+                f"entropy_bonus_top_quantile: only supported at entropy_level='token', got level {self.entropy_level!r}"
             )
 
     @property
     def agg_mode(self) -> str | None:
-        """The aggregation actually used (``loss_agg_mode`` or the level's default; ``None`` at reward level)."""
-        return self.loss_agg_mode if self.loss_agg_mode is not None else _DEFAULT_AGG[self.entropy_level]
+        """The aggregation actually used (``entropy_loss_agg_mode`` or the level's default; ``None`` at reward level)."""
+        mode = self.entropy_loss_agg_mode
+        return mode if mode is not None else _DEFAULT_AGG[self.entropy_level]
 
     def _coef(self, coef: Coef | None) -> Coef:
         if coef is None:
@@ -247,11 +224,11 @@ class EntropyBonus:
     def effective_mask(
         self, entropy: torch.Tensor, mask: torch.Tensor, threshold: float | torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The boolean token mask the loss term uses (``mask`` narrowed by ``top_entropy_quantile``).
+        """The boolean token mask the loss term uses (``mask`` narrowed by ``entropy_bonus_top_quantile``).
 
         A trainer that passes ``global_token_count`` must count it on *this* mask.
         """
-        return top_entropy_mask(entropy, mask, self.top_entropy_quantile, threshold)
+        return top_entropy_mask(entropy, mask, self.entropy_bonus_top_quantile, threshold)
 
     def loss_term(
         self,

@@ -9,25 +9,23 @@ recipe to ``<trial dir>/recipe.yaml`` and runs ``llm-entreg train`` on it throug
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+
+from ..launch import accelerate_command, resolve_accelerate_config
 
 ACCELERATE_TRIAL_FN = "llm_entreg.sweep.launch:accelerate_run"
 
 
 def accelerate_run(recipe: dict, resume_from_checkpoint=None, log=print):
-    from ..cli import resolve_accelerate_config
-
     config = resolve_accelerate_config(recipe["launcher"]["accelerate_config"])
     out_dir = Path(recipe["trainer"]["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = {k: v for k, v in recipe.items() if k not in ("source", "launcher", "real_model")}
     path = out_dir / "recipe.yaml"
     path.write_text(yaml.safe_dump(plain, sort_keys=False))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "-m", "llm_entreg", "train", str(path)]
+    cmd = accelerate_command(config, ["train", str(path)])
     if resume_from_checkpoint:
         cmd += ["--resume", str(resume_from_checkpoint)]
     log("launching: " + " ".join(cmd))

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..tasks.evaluation import torch_threads
+from ..utils import torch_threads
 from .grid import TrialSpec, format_coef, trial_overrides
 from .pick import COEF_KEYS, ENTROPY_KEYS, REWARD_KEYS, pick_best, trial_metrics
 from .spec import SweepConfig, SweepError

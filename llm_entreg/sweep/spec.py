@@ -201,10 +201,13 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
         raise SweepError(f"--workers: must be >= 1, got {workers}")
     accelerate_config = options.pop("accelerate_config", None) or spec.get("accelerate_config")
     if accelerate_config is not None:
-        from ..cli import resolve_accelerate_config
+        from ..launch import LaunchError, resolve_accelerate_config
         from .launch import ACCELERATE_TRIAL_FN
 
-        resolve_accelerate_config(str(accelerate_config))  # fail now, naming the config, not in every trial
+        try:
+            resolve_accelerate_config(str(accelerate_config))  # fail now, naming the config, not in every trial
+        except LaunchError as exc:
+            raise SweepError(str(exc)) from None
         if options.get("trial_fn") is None:
             options["trial_fn"] = ACCELERATE_TRIAL_FN
         options["accelerate_config"] = str(accelerate_config)

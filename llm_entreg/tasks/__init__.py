@@ -47,7 +47,6 @@ from .evaluation import (
     evaluate,
     generate_completions,
     reference_stats,
-    torch_threads,
 )
 from .model import ARCHS, build_tiny_model, count_parameters, tiny_model_config
 from .reward_model import (
@@ -144,7 +143,6 @@ __all__ = [
     "solve",
     "tiny_model_config",
     "tokenize_prompts",
-    "torch_threads",
     "train_reward_model",
     "train_warm_start",
     "warm_start",

@@ -23,31 +23,15 @@ right padding. Sampling is deterministic in ``seed`` and leaves the caller's glo
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..utils import torch_threads
 from .data import Problem, problems_from_dataset
 from .rewards import correctness_reward
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Set torch's intra-op thread count inside the block and restore it after (None: leave it alone)."""
-    if n is None:
-        yield
-        return
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_threads: expected None or a positive int, got {n!r}")
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @dataclass

@@ -56,9 +56,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .evaluation import torch_threads
+from ..utils import package_version, torch_threads
 from .cache import build_once
-from .warmstart import _transformers_version, cache_root, load_warm_start
+from .warmstart import cache_root, load_warm_start
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import EmbeddedDefault
@@ -686,17 +686,11 @@ def ensure_reward_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": {
                 "torch": torch.__version__,
-                "transformers": _transformers_version(),
-                "trl": _trl_version(),
+                "transformers": package_version("transformers"),
+                "trl": package_version("trl"),
             },
         }
     return build_once(final, lambda: is_valid_reward_model(final, key), build, MARKER, force)
-
-
-def _trl_version() -> str:
-    import trl
-
-    return trl.__version__
 
 
 def load_reward_model(path: str | os.PathLike):

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .data import TaskSpec, make_splits
 from .cache import build_once
-from .evaluation import encode_supervised, evaluate, generate_completions, torch_threads
+from ..utils import package_version, torch_threads
+from .evaluation import encode_supervised, evaluate, generate_completions
 from .model import build_tiny_model
 from .rewards import correctness_reward
 from .tokenizer import build_tokenizer
@@ -273,15 +274,9 @@ def ensure_warm_start(
             "config": config.to_dict(),
             "metrics": metrics,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            "versions": {"torch": torch.__version__, "transformers": package_version("transformers")},
         }
     return build_once(final, lambda: is_valid_warm_start(final, config), build, MARKER, force)
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def load_warm_start(path: str | os.PathLike):

@@ -1,19 +1,61 @@
-"""Thin subclasses of TRL trainers that add the entropy bonus; the math lives in ``llm_entreg.regularizers``."""
+"""Thin subclasses of TRL trainers that add the entropy regularizers, and :data:`ALGORITHMS`, the one registry of
+recipe algorithm names that the CLI, the recipes and the run use. The math lives in ``regularizers`` and ``losses``.
+"""
 
+import warnings
+from dataclasses import dataclass
+
+from .config import EntropyRegularizationArguments, FusedLossArguments
+from .critic import ValueHead
 from .dpo import EntropyDPOConfig, EntropyDPOTrainer
 from .grpo import EntropyGRPOConfig, EntropyGRPOTrainer
-from .ppo import PPOConfig, PPOTrainer, ValueHead
-from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin, NonFiniteLossError
+from .mixin import EntropyRegularizationMixin, NonFiniteLossError
+from .ppo import EntropyPPOConfig, EntropyPPOTrainer
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A recipe algorithm: its config and trainer classes, and what the trainer is built from besides the model.
+
+    ``inputs``: ``"preferences"`` (a preference dataset and a reference model: DPO) or ``"rewards"`` (a prompt
+    dataset and reward functions: GRPO, PPO).
+    """
+
+    config: type
+    trainer: type
+    inputs: str
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "dpo": Algorithm(EntropyDPOConfig, EntropyDPOTrainer, "preferences"),
+    "grpo": Algorithm(EntropyGRPOConfig, EntropyGRPOTrainer, "rewards"),
+    "ppo": Algorithm(EntropyPPOConfig, EntropyPPOTrainer, "rewards"),
+}
+
+_DEPRECATED = {"PPOTrainer": EntropyPPOTrainer, "PPOConfig": EntropyPPOConfig}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"llm_entreg.trainers.{name} is deprecated and will be removed in the next release; use "
+                      f"{new.__name__}", DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "ALGORITHMS",
+    "Algorithm",
     "EntropyDPOConfig",
     "EntropyDPOTrainer",
     "EntropyGRPOConfig",
     "EntropyGRPOTrainer",
+    "EntropyPPOConfig",
+    "EntropyPPOTrainer",
     "EntropyRegularizationArguments",
     "EntropyRegularizationMixin",
+    "FusedLossArguments",
     "NonFiniteLossError",
-    "PPOConfig",
-    "PPOTrainer",
     "ValueHead",
 ]

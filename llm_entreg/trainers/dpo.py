@@ -13,7 +13,8 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as trl_dpo_module
 
-from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin
+from .config import EntropyRegularizationArguments
+from .mixin import EntropyRegularizationMixin
 
 ENTROPY_ON = ("chosen", "rejected", "both")
 

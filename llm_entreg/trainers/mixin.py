@@ -1,187 +1,28 @@
 """EntropyRegularizationMixin: the plumbing every entropy-regularized trainer shares.
 
-It installs our fused LM head (which also hands us the differentiable per-token entropy that TRL already asks
-for, so no second forward runs), turns that entropy into the loss term with the pure functions of
-:mod:`llm_entreg.regularizers`, normalizes it globally (over data-parallel ranks and gradient-accumulation
-micro-batches), steps the coefficient once per optimizer step, logs, and saves/restores the coefficient state
-with every checkpoint. The math lives in ``regularizers``; a trainer subclass only says which tokens count.
+Our fused LM head (which hands over the differentiable per-token entropy TRL already asks for), the entropy term
+from :mod:`llm_entreg.regularizers` with global normalizers, the coefficient stepped once per optimizer step, logs,
+and the coefficient state in every checkpoint. A trainer subclass only says which tokens count.
 """
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..ops import BACKENDS, install_fused_head
-from ..regularizers import EntropyBonus, global_entropy_quantile_threshold, make_coefficient
-from ..regularizers.aggregation import global_mean_loss_scale
+from ..integrations import install_fused_head
+from ..regularizers import global_entropy_quantile_threshold, global_mean_loss_scale, token_weights
 
 STATE_FILE = "llm_entreg_state.pt"
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the policy entropy became NaN/inf; a checkpoint was saved before stopping."""
-
-
-@dataclass
-class EntropyRegularizationArguments:
-    """Entropy-bonus fields shared by our trainer configs (mixed into the TRL config dataclasses)."""
-
-    entropy_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "Entropy bonus coefficient β (the initial α for a learned α). Default 0.0 (off). Range >= 0; "
-            "< 0 only with allow_entropy_minimization. Literature: PPO 0.01; LM RL ~0 to 1e-4 token level; sweep "
-            "it on a log scale."
-        },
-    )
-    entropy_level: str = field(
-        default="token",
-        metadata={"help": "'token' (bonus on aggregated per-token entropies) or 'sequence' (per-sequence sum)."},
-    )
-    entropy_loss_agg_mode: str | None = field(
-        default=None,
-        metadata={
-            "help": "Aggregation of the entropy term: token-mean (default at token level, global count over ranks "
-            "and accumulation steps), seq-mean-token-mean, seq-mean-token-sum (default at sequence level), "
-            "seq-mean-token-sum-norm."
-        },
-    )
-    entropy_bonus_top_quantile: float = field(
-        default=1.0,
-        metadata={"help": "Only the top q fraction of tokens by entropy get the bonus. Default 1.0 (all); (0, 1]."},
-    )
-    entropy_schedule: str | None = field(
-        default=None,
-        metadata={"help": "β schedule per optimizer step: constant, linear, exponential, cosine. Default None."},
-    )
-    entropy_coef_end: float = field(default=0.0, metadata={"help": "β at the end of the schedule. Default 0.0."})
-    entropy_schedule_steps: int | None = field(
-        default=None, metadata={"help": "Optimizer steps over which β decays. Default: max_steps."}
-    )
-    entropy_warmup_steps: int = field(default=0, metadata={"help": "Linear warmup of β from 0. Default 0."})
-    entropy_controller: str | None = field(
-        default=None,
-        metadata={
-            "help": "'target_entropy' (Skywork-OR1 step controller) or 'learned_alpha' (SAC-style log α). "
-            "Default None (constant or scheduled β)."
-        },
-    )
-    entropy_target: float | None = field(
-        default=None,
-        metadata={
-            "help": "Target mean per-token entropy in nats for a controller. target_entropy default 0.2 "
-            "(Skywork-OR1); learned_alpha default: entropy_target_ratio x the initial entropy."
-        },
-    )
-    entropy_target_ratio: float | None = field(
-        default=None, metadata={"help": "learned_alpha: target = ratio x first measured entropy; (0, 1], default 0.5."}
-    )
-    entropy_coef_delta: float = field(
-        default=0.005, metadata={"help": "target_entropy: step of β per optimizer step. Default 0.005 (Skywork-OR1)."}
-    )
-    entropy_coef_min: float = field(default=0.0, metadata={"help": "target_entropy: lower bound of β. Default 0."})
-    entropy_coef_max: float = field(default=1.0, metadata={"help": "target_entropy: upper bound of β. Default 1."})
-    entropy_alpha_lr: float = field(
-        default=1e-2, metadata={"help": "learned_alpha: Adam learning rate on log α. Default 1e-2."}
-    )
-    allow_entropy_minimization: bool = field(
-        default=False, metadata={"help": "Must be True for a negative entropy_coef (entropy minimization)."}
-    )
-    fused_head_backend: str = field(
-        default="auto", metadata={"help": "Kernel backend for the fused LM head: auto, chunked, triton, torch."}
-    )
-
-    # The regularizers name their own parameters; a config user must read the config field instead.
-    _FIELD_NAMES = {
-        "loss_agg_mode": "entropy_loss_agg_mode",
-        "top_entropy_quantile": "entropy_bonus_top_quantile",
-        "entropy_level": "entropy_level",
-        "schedule": "entropy_schedule",
-        "start": "entropy_coef",
-        "end": "entropy_coef_end",
-        "total_steps": "entropy_schedule_steps",
-        "warmup_steps": "entropy_warmup_steps",
-        "controller": "entropy_controller",
-        "target_entropy": "entropy_target",
-        "target_entropy_ratio": "entropy_target_ratio",
-        "init_alpha": "entropy_coef",
-        "lr": "entropy_alpha_lr",
-    }
-
-    @contextmanager
-    def _config_field_names(self):
-        try:
-            yield
-        except ValueError as exc:
-            name, sep, rest = str(exc).partition(":")
-            if sep and name in self._FIELD_NAMES:
-                raise ValueError(f"{self._FIELD_NAMES[name]}:{rest}") from exc
-            raise
-
-    def build_entropy_bonus(self) -> EntropyBonus:
-        with self._config_field_names():
-            return self._build_entropy_bonus()
-
-    def _build_entropy_bonus(self) -> EntropyBonus:
-        return EntropyBonus(
-            entropy_coef=self.entropy_coef,
-            entropy_level=self.entropy_level,
-            loss_agg_mode=self.entropy_loss_agg_mode,
-            top_entropy_quantile=self.entropy_bonus_top_quantile,
-            allow_entropy_minimization=self.allow_entropy_minimization,
-        )
-
-    def build_entropy_coefficient(self, max_steps: int | None = None):
-        with self._config_field_names():
-            return self._build_entropy_coefficient(max_steps)
-
-    def _build_entropy_coefficient(self, max_steps: int | None = None):
-        schedule_kwargs = controller_kwargs = None
-        if self.entropy_schedule is not None:
-            total = self.entropy_schedule_steps or max_steps
-            if not total or total <= 0:
-                raise ValueError("entropy_schedule_steps: required when max_steps is not set (> 0)")
-            schedule_kwargs = dict(end=self.entropy_coef_end, total_steps=total, warmup_steps=self.entropy_warmup_steps)
-        if self.entropy_controller in ("target_entropy", "skywork", "adaptive"):
-            controller_kwargs = dict(
-                entropy_target=0.2 if self.entropy_target is None else self.entropy_target,
-                entropy_coef_delta=self.entropy_coef_delta,
-                entropy_coef_min=self.entropy_coef_min,
-                entropy_coef_max=self.entropy_coef_max,
-            )
-        elif self.entropy_controller in ("learned_alpha", "sac"):
-            controller_kwargs = dict(lr=self.entropy_alpha_lr)
-            if self.entropy_target is not None and self.entropy_target_ratio is not None:
-                raise ValueError("entropy_target_ratio: give entropy_target or entropy_target_ratio, not both")
-            if self.entropy_target is not None:
-                controller_kwargs["target_entropy"] = self.entropy_target
-            else:
-                controller_kwargs["target_entropy_ratio"] = self.entropy_target_ratio
-        return make_coefficient(
-            self.entropy_coef,
-            schedule=self.entropy_schedule,
-            schedule_kwargs=schedule_kwargs,
-            controller=self.entropy_controller,
-            controller_kwargs=controller_kwargs,
-            allow_entropy_minimization=self.allow_entropy_minimization,
-        )
-
-    def validate_entropy_arguments(self) -> None:
-        """Fail at construction, naming the field, rather than at the first training step."""
-        if self.fused_head_backend not in BACKENDS:
-            raise ValueError(f"fused_head_backend: expected one of {BACKENDS}, got {self.fused_head_backend!r}")
-        self.build_entropy_bonus()
-        max_steps = getattr(self, "max_steps", None)
-        if self.entropy_schedule is not None and not self.entropy_schedule_steps and not (max_steps or 0) > 0:
-            raise ValueError("entropy_schedule_steps: required for a schedule when max_steps is not set (> 0)")
-        self.build_entropy_coefficient(max_steps if (max_steps or 0) > 0 else None)
 
 
 class _StepCallback(TrainerCallback):
@@ -308,18 +149,31 @@ class EntropyRegularizationMixin:
     def _entropy_term(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str):
         """``(term, scale, parts)``: the unscaled ``-coef * agg(H)`` of this micro-batch, the framework scale, and
         what :meth:`_entropy_metrics` needs (coefficient, aggregation kwargs, quantile threshold). Logs nothing."""
-        coef = self.entropy_coefficient.value
-        mask = mask.bool()
-        agg_kwargs, scale = self._global_aggregation(
-            mode, entropy.device, self.entropy_bonus.agg_mode, use_global=self.entropy_bonus.top_entropy_quantile == 1.0
-        )
-        if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
-            agg_kwargs["max_len"] = self._entropy_max_len(mask)
+        coef, agg_kwargs, scale = self._entropy_aggregation(mask, mode)
         threshold = None
-        if self.entropy_bonus.top_entropy_quantile < 1.0:  # one threshold over every rank's tokens, as TRL's GRPO
-            threshold = global_entropy_quantile_threshold(entropy, mask, self.entropy_bonus.top_entropy_quantile)
+        q = self.entropy_bonus.entropy_bonus_top_quantile
+        if q < 1.0:  # one threshold over every rank's tokens, as TRL's GRPO
+            threshold = global_entropy_quantile_threshold(entropy, mask, q)
         term = self.entropy_bonus.loss_term(entropy, mask, coef, threshold=threshold, **agg_kwargs)
         return term, scale, (coef, agg_kwargs, threshold)
+
+    def _entropy_aggregation(self, mask: torch.Tensor, mode: str):
+        """``(coef, aggregate kwargs, framework scale)`` of this micro-batch's entropy term."""
+        coef = self.entropy_coefficient.value
+        use_global = self.entropy_bonus.entropy_bonus_top_quantile == 1.0
+        agg_kwargs, scale = self._global_aggregation(mode, mask.device, self.entropy_bonus.agg_mode, use_global)
+        if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
+            agg_kwargs["max_len"] = self._entropy_max_len(mask)
+        return coef, agg_kwargs, scale
+
+    def _entropy_token_weights(self, mask: torch.Tensor, mode: str):
+        """``(w, parts)``: per-token weights with ``(w * H).sum()`` = the scaled entropy term of this micro-batch
+        (``entropy_bonus_top_quantile`` must be 1), and what :meth:`_entropy_metrics` needs."""
+        coef, agg_kwargs, scale = self._entropy_aggregation(mask, mode)
+        if coef == 0:
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device), (coef, agg_kwargs, None)
+        weights = token_weights(mask.bool(), self.entropy_bonus.agg_mode, dtype=torch.float32, **agg_kwargs)
+        return -coef * weights * scale, (coef, agg_kwargs, None)
 
     def _entropy_metrics(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str, term: torch.Tensor, parts):
         """Log the unscaled value of ``beta * agg(H)`` and accumulate the measured entropy for the controllers."""

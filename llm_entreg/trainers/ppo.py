@@ -1,4 +1,4 @@
-"""PPO-RLHF on TRL's machinery: a GRPOTrainer subclass with a critic.
+"""EntropyPPOTrainer: PPO-RLHF on TRL's machinery, a GRPOTrainer subclass with a critic.
 
 TRL 1.16 has no PPOTrainer. Generation, reward functions / reward models, the reference model (or disabled
 adapters), PEFT and vLLM options all come from ``GRPOTrainer``; this subclass replaces the group-normalized
@@ -12,30 +12,28 @@ sequence advantages with per-token GAE advantages from a value model, and adds t
   ``loss_type``), our entropy term, and ``vf_coef ×`` the clipped value loss; several epochs (``num_iterations``)
   and mini-batches (``steps_per_generation``) over one rollout batch are TRL's own buffering.
 
-The math is in :mod:`llm_entreg.rl.ppo` and :mod:`llm_entreg.regularizers`.
+The math is in :mod:`llm_entreg.losses` and :mod:`llm_entreg.regularizers`; the critic in :mod:`.critic`.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as trl_grpo_module
 
+from ..losses import explained_variance, gae, token_rewards, value_loss, whiten
 from ..regularizers import AdaptiveKLController, FixedKLController, kl_penalty
-from ..rl import explained_variance, gae, token_rewards, value_loss, whiten
-from .grpo import FusedLossArguments, fused_policy_loss
-from .mixin import EntropyRegularizationArguments, EntropyRegularizationMixin
-
-VALUE_STATE_FILE = "llm_entreg_value.pt"
+from .config import EntropyRegularizationArguments, FusedLossArguments
+from .critic import Critic, CriticStepCallback, value_head_from_policy
+from .fused_policy import FusedPolicyLossMixin
+from .mixin import EntropyRegularizationMixin
 
 
 @dataclass
-class PPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
+class EntropyPPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
     """``trl.GRPOConfig`` (generation, rewards, clipping, epochs) plus the critic, the KL penalty and our entropy fields.
 
     PPO-specific fields (literature defaults in brackets):
@@ -76,7 +74,7 @@ class PPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef: must be >= 0, got {self.kl_coef}")
         if self.beta not in (0.0, self.kl_coef):
-            raise ValueError("beta: set kl_coef (and kl_in) instead; PPOConfig derives TRL's beta from them")
+            raise ValueError("beta: set kl_coef (and kl_in) instead; EntropyPPOConfig derives TRL's beta from them")
         if self.target_kl is not None and (self.target_kl <= 0 or self.kl_coef <= 0):
             raise ValueError("target_kl: the adaptive KL controller needs target_kl > 0 and kl_coef > 0")
         if self.vf_coef < 0:
@@ -92,42 +90,7 @@ class PPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
         self.check_fused_loss_supported()
 
 
-class ValueHead(nn.Module):
-    """A critic: a transformer backbone and a linear head giving one value per token."""
-
-    def __init__(self, backbone: nn.Module, hidden_size: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
-
-
-def value_head_from_policy(policy) -> ValueHead:
-    """A critic initialised from the policy's backbone (InstructGPT initialises it from the reward model)."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    return ValueHead(copy.deepcopy(base.base_model), base.config.get_text_config().hidden_size)
-
-
-def _per_token_values(value_model, input_ids, attention_mask) -> torch.Tensor:
-    out = value_model(input_ids=input_ids, attention_mask=attention_mask)
-    values = getattr(out, "logits", out)
-    if values.ndim == 3 and values.shape[-1] == 1:
-        values = values.squeeze(-1)
-    if values.ndim != 2 or values.shape != input_ids.shape:
-        raise ValueError(
-            f"value_model: expected one value per token, shape {tuple(input_ids.shape)} (or [..., 1]); got "
-            f"{tuple(values.shape)}. A sequence-classification model gives one value per sequence: use "
-            "AutoModelForTokenClassification(num_labels=1), or value_model=None for a value head on the policy."
-        )
-    return values
-
-
-class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
+class EntropyPPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTrainer):
     """PPO-RLHF with a critic, the KL penalty in the reward (or loss) and our entropy regularizers.
 
     Same constructor as ``trl.GRPOTrainer`` plus ``value_model`` (``None``: a value head on a copy of the policy's
@@ -135,14 +98,14 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
     sequence-classification reward model (TRL re-tokenizes completions for a reward model with its own tokenizer).
     """
 
-    _name = "PPO"
+    _name = "EntropyPPO"
     _trainer_divides_loss_by_ga = False
     _counts_from_batch_samples = False
 
     def __init__(self, *args, value_model=None, **kwargs):
         config = kwargs.get("args")
-        if config is None or not isinstance(config, PPOConfig):
-            raise ValueError(f"args: expected a PPOConfig, got {type(config).__name__}")
+        if config is None or not isinstance(config, EntropyPPOConfig):
+            raise ValueError(f"args: expected an EntropyPPOConfig, got {type(config).__name__}")
         with self._our_fused_head(trl_grpo_module, config.fused_head_backend, capture_outputs=False):
             super().__init__(*args, **kwargs)
         self._entropy_bonus_enabled = False  # TRL's own bonus stays off: ours is the single source
@@ -150,10 +113,9 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self._entropy_setup()
         if value_model is None:
             value_model = value_head_from_policy(self.accelerator.unwrap_model(self.model))
-        self._check_value_model(value_model)
-        lr = config.vf_learning_rate or config.learning_rate
-        self.value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=lr, weight_decay=config.weight_decay)
-        self.value_model = self._prepare_value_model(value_model)
+        self.critic = Critic(value_model, self.accelerator, lr=config.vf_learning_rate or config.learning_rate,
+                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+        self.add_callback(CriticStepCallback(self.critic))
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
             if config.target_kl is not None
@@ -161,16 +123,6 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         )
         self._ppo_rewards_per_func = None
         self._ppo_stats: dict[str, torch.Tensor] = {}
-
-    def _check_value_model(self, value_model) -> None:
-        if "SequenceClassification" in type(value_model).__name__:
-            raise ValueError(
-                f"value_model: {type(value_model).__name__} gives one value per sequence; PPO needs per-token values: "
-                "use AutoModelForTokenClassification(num_labels=1), or value_model=None for a value head on the policy"
-            )
-        num_labels = getattr(getattr(value_model, "config", None), "num_labels", 1)
-        if "TokenClassification" in type(value_model).__name__ and num_labels != 1:
-            raise ValueError(f"value_model: a token-classification head must have num_labels=1, got {num_labels}")
 
     def _entropy_mask(self, inputs) -> torch.Tensor:
         return self._completion_loss_mask(inputs)
@@ -203,7 +155,7 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
             old_logps, entropies, _ = super()._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, n_completion, compute_entropy=need_entropy
             )
-            values = _per_token_values(self.value_model, input_ids, attention_mask)[:, -n_completion - 1 : -1]
+            values = self.critic.values(input_ids, attention_mask)[:, -n_completion - 1 : -1]
             values = values.float().masked_fill(~mask, 0.0)
         if "old_per_token_logps" in out and out["old_per_token_logps"] is not None:
             old_logps = out["old_per_token_logps"]
@@ -261,7 +213,7 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         self.beta = self.kl_controller.value if kl_in_loss else 0.0  # TRL's k3 term only when the KL is in the loss
         try:
             if self.args.fused_loss:  # policy loss + KL + entropy term, gradient formed in the head's forward
-                loss, logps, entropy = fused_policy_loss(self, model, inputs, mask, mode)
+                loss, logps, entropy = self._fused_policy_loss(model, inputs, mask, mode)
             else:
                 with self._entropy_capture_window() as captured:
                     loss = super()._compute_loss(model, inputs)
@@ -279,7 +231,7 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
         prompt_completion = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         n_completion = inputs["completion_ids"].shape[1]
-        values = _per_token_values(self.value_model, prompt_completion, attention)[:, -n_completion - 1 : -1].float()
+        values = self.critic.values(prompt_completion, attention)[:, -n_completion - 1 : -1].float()
         agg_kwargs, scale = self._global_aggregation(mode, values.device, "token-mean")
         old_values, returns = inputs["old_values"], inputs["returns"]
         v_loss, v_stats = value_loss(values, old_values, returns, mask, self.args.cliprange_value, **agg_kwargs)
@@ -298,68 +250,17 @@ class PPOTrainer(EntropyRegularizationMixin, GRPOTrainer):
             self._metrics[mode][name].append(value)
         return loss
 
-    # ------------------------------------------------------------------ critic optimizer, checkpoints
-    def _entropy_end_of_step(self) -> None:
-        super()._entropy_end_of_step()
-        self._average_value_grads()
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.value_model.parameters(), self.args.max_grad_norm)
-        self.value_optimizer.step()
-        self.value_optimizer.zero_grad(set_to_none=True)
-
-    def _prepare_value_model(self, value_model: nn.Module) -> nn.Module:
-        """The critic as this run's accelerator wants it: DDP-wrapped under MULTI_GPU / MULTI_CPU, as is under
-        DeepSpeed; under FSDP (whose ``prepare_model`` refuses a model outside ``accelerate.prepare()``) a plain
-        replicated module on the device. Where it is not wrapped, :meth:`_average_value_grads` all-reduces its
-        gradients."""
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            return value_model.to(self.accelerator.device)
-        return self.accelerator.prepare_model(value_model)
-
-    def _average_value_grads(self) -> None:
-        """Average the critic's gradients over the data-parallel ranks where nothing else does.
-
-        ``accelerator.prepare_model`` wraps the critic in DDP only for MULTI_GPU / MULTI_CPU; under DeepSpeed it comes
-        back unwrapped, and under FSDP it is not prepared at all (:meth:`_prepare_value_model`), so without this each
-        rank would step its own critic on ``W x`` its local share of the (globally normalized) value loss and the
-        critics would drift apart.
-        """
-        if self.accelerator.num_processes == 1 or isinstance(self.value_model, nn.parallel.DistributedDataParallel):
-            return
-        import torch.distributed as dist
-
-        for p in self.value_model.parameters():
-            if p.requires_grad:
-                if p.grad is None:  # every rank must take part in every all-reduce
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(self.accelerator.num_processes)
-
+    # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        path = os.path.join(folder, VALUE_STATE_FILE)
-        state = {
-            "value_model": self.accelerator.unwrap_model(self.value_model).state_dict(),
-            "value_optimizer": self.value_optimizer.state_dict(),
-            "kl_controller": self.kl_controller.state_dict(),
-        }
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            self.critic.save(folder, {"kl_controller": self.kl_controller.state_dict()})
 
     def _entropy_load_state(self, checkpoint: str) -> None:
         super()._entropy_load_state(checkpoint)
-        path = os.path.join(checkpoint, VALUE_STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: missing; a PPO checkpoint holds the critic and its optimizer")
+        state = self.critic.load(checkpoint)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            self.accelerator.unwrap_model(self.value_model).load_state_dict(state["value_model"])
-            self.value_optimizer.load_state_dict(state["value_optimizer"])
             self.kl_controller.load_state_dict(state["kl_controller"])
         except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"{path}: corrupt or incompatible critic state ({exc})") from exc
+            raise ValueError(f"{checkpoint}: corrupt or incompatible KL-controller state ({exc})") from exc

@@ -70,16 +70,16 @@ def test_target_entropy_controller_validation(kwargs, field):
 
 def test_learned_alpha_first_adam_steps():
     # Adam's first step moves log alpha by lr * g / (|g| + eps) = lr * sign(g)
-    below = LearnedAlpha(init_alpha=1.0, target_entropy=1.0, lr=0.1)
+    below = LearnedAlpha(entropy_coef=1.0, entropy_target=1.0, entropy_alpha_lr=0.1)
     assert below.step(0.5) == pytest.approx(math.exp(0.1))  # g = 0.5 - 1 < 0 -> log alpha 0 -> +0.1
     assert below.step(0.5) == pytest.approx(math.exp(0.2))  # same gradient again: another +0.1
-    above = LearnedAlpha(init_alpha=1.0, target_entropy=1.0, lr=0.1)
+    above = LearnedAlpha(entropy_coef=1.0, entropy_target=1.0, entropy_alpha_lr=0.1)
     assert above.step(1.5) == pytest.approx(math.exp(-0.1))  # g = +0.5 -> -0.1: alpha shrinks
 
 
 def test_learned_alpha_grows_below_and_shrinks_above_target():
-    low = LearnedAlpha(init_alpha=1e-3, target_entropy=0.5, lr=0.05)
-    high = LearnedAlpha(init_alpha=1e-3, target_entropy=0.5, lr=0.05)
+    low = LearnedAlpha(entropy_coef=1e-3, entropy_target=0.5, entropy_alpha_lr=0.05)
+    high = LearnedAlpha(entropy_coef=1e-3, entropy_target=0.5, entropy_alpha_lr=0.05)
     lows, highs = [low.value], [high.value]
     for _ in range(5):
         lows.append(low.step(0.2))
@@ -89,7 +89,7 @@ def test_learned_alpha_grows_below_and_shrinks_above_target():
 
 
 def test_learned_alpha_target_from_initial_entropy():
-    ctl = LearnedAlpha(init_alpha=1.0, target_entropy_ratio=0.5, lr=0.1)
+    ctl = LearnedAlpha(entropy_coef=1.0, entropy_target_ratio=0.5, entropy_alpha_lr=0.1)
     # first measurement 2.0 fixes the target at 1.0; g = 2 - 1 = 1 -> log alpha = -0.1
     assert ctl.step(2.0) == pytest.approx(math.exp(-0.1))
     assert ctl.target_entropy == 1.0 and ctl.initial_entropy == 2.0
@@ -102,16 +102,16 @@ def test_learned_alpha_target_from_initial_entropy():
 
 
 def test_learned_alpha_clamps_and_validation():
-    ctl = LearnedAlpha(init_alpha=1.0, target_entropy=1.0, lr=0.5, max_alpha=1.2)
+    ctl = LearnedAlpha(entropy_coef=1.0, entropy_target=1.0, entropy_alpha_lr=0.5, max_alpha=1.2)
     assert ctl.step(0.0) == pytest.approx(1.2)  # e^0.5 = 1.65 clamped
-    with pytest.raises(ValueError, match="init_alpha"):
-        LearnedAlpha(init_alpha=0.0)
-    with pytest.raises(ValueError, match="target_entropy"):
-        LearnedAlpha(target_entropy=0.3, target_entropy_ratio=0.5)
-    with pytest.raises(ValueError, match="target_entropy_ratio"):
-        LearnedAlpha(target_entropy_ratio=1.5)
-    with pytest.raises(ValueError, match="lr"):
-        LearnedAlpha(lr=0.0)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        LearnedAlpha(entropy_coef=0.0)
+    with pytest.raises(ValueError, match="entropy_target_ratio"):
+        LearnedAlpha(entropy_target=0.3, entropy_target_ratio=0.5)
+    with pytest.raises(ValueError, match="entropy_target_ratio"):
+        LearnedAlpha(entropy_target_ratio=1.5)
+    with pytest.raises(ValueError, match="entropy_alpha_lr"):
+        LearnedAlpha(entropy_alpha_lr=0.0)
     assert LearnedAlpha().target_entropy_ratio == 0.5  # the default when no target is given
 
 
@@ -122,10 +122,10 @@ ENTROPIES = [0.9, 0.4, 0.15, 0.1, 0.3, 0.05, 0.25, 0.19, 0.6, 0.12]
 
 FACTORIES = {
     "constant": lambda: ConstantCoefficient(0.01),
-    "schedule": lambda: ScheduledCoefficient(make_schedule("cosine", start=0.01, total_steps=8, warmup_steps=2)),
+    "schedule": lambda: ScheduledCoefficient(make_schedule("cosine", entropy_coef=0.01, entropy_schedule_steps=8, entropy_warmup_steps=2)),
     "target_entropy": lambda: TargetEntropyController(entropy_coef=0.0, entropy_coef_max=0.02),
-    "learned_alpha_abs": lambda: LearnedAlpha(init_alpha=1e-3, target_entropy=0.2, lr=0.05),
-    "learned_alpha_ratio": lambda: LearnedAlpha(init_alpha=1e-3, target_entropy_ratio=0.3, lr=0.05),
+    "learned_alpha_abs": lambda: LearnedAlpha(entropy_coef=1e-3, entropy_target=0.2, entropy_alpha_lr=0.05),
+    "learned_alpha_ratio": lambda: LearnedAlpha(entropy_coef=1e-3, entropy_target_ratio=0.3, entropy_alpha_lr=0.05),
 }
 
 
@@ -169,8 +169,8 @@ def test_load_into_wrong_kind_fails():
     with pytest.raises(ValueError, match="state_dict"):
         ConstantCoefficient(0.1).load_state_dict(LearnedAlpha().state_dict())
     with pytest.raises(ValueError, match="state_dict"):
-        ScheduledCoefficient(make_schedule("linear", start=1.0, total_steps=3)).load_state_dict(
-            ScheduledCoefficient(make_schedule("cosine", start=1.0, total_steps=3)).state_dict()
+        ScheduledCoefficient(make_schedule("linear", entropy_coef=1.0, entropy_schedule_steps=3)).load_state_dict(
+            ScheduledCoefficient(make_schedule("cosine", entropy_coef=1.0, entropy_schedule_steps=3)).state_dict()
         )
 
 
@@ -184,15 +184,15 @@ def test_make_coefficient_kinds():
     assert isinstance(const, ConstantCoefficient) and const.value == 0.01 and const.step() == 0.01
     assert not const.needs_entropy
 
-    sched = make_coefficient(1.0, schedule="linear", schedule_kwargs={"end": 0.0, "total_steps": 4})
+    sched = make_coefficient(1.0, entropy_schedule="linear", entropy_coef_end=0.0, entropy_schedule_steps=4)
     # start = entropy_coef = 1.0 -> 1.0, 0.75, 0.5, 0.25, 0.0, 0.0
     assert [sched.value] + [sched.step() for _ in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
 
     for name in ("target_entropy", "skywork", "adaptive"):
-        ctl = make_coefficient(0.0, controller=name, controller_kwargs={"entropy_target": 0.3})
+        ctl = make_coefficient(0.0, entropy_controller=name, entropy_target=0.3)
         assert isinstance(ctl, TargetEntropyController) and ctl.entropy_target == 0.3 and ctl.needs_entropy
 
-    alpha = make_coefficient(1e-3, controller="sac", controller_kwargs={"target_entropy_ratio": 0.4})
+    alpha = make_coefficient(1e-3, entropy_controller="sac", entropy_target_ratio=0.4)
     assert isinstance(alpha, LearnedAlpha) and alpha.value == pytest.approx(1e-3)
 
 
@@ -200,10 +200,11 @@ def test_make_coefficient_negative_needs_flag():
     with pytest.raises(ValueError, match="entropy_coef"):
         make_coefficient(-0.01)
     assert make_coefficient(-0.01, allow_entropy_minimization=True).value == -0.01
-    with pytest.raises(ValueError, match="end"):
-        make_coefficient(0.01, schedule="linear", schedule_kwargs={"end": -0.01, "total_steps": 3})
+    with pytest.raises(ValueError, match="entropy_coef_end"):
+        make_coefficient(0.01, entropy_schedule="linear", entropy_coef_end=-0.01, entropy_schedule_steps=3)
     ok = make_coefficient(
-        0.01, schedule="linear", schedule_kwargs={"end": -0.01, "total_steps": 2}, allow_entropy_minimization=True
+        0.01, entropy_schedule="linear", entropy_coef_end=-0.01, entropy_schedule_steps=2,
+        allow_entropy_minimization=True,
     )
     assert ok.step() == pytest.approx(0.0) and ok.step() == pytest.approx(-0.01)
 
@@ -211,16 +212,20 @@ def test_make_coefficient_negative_needs_flag():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"schedule": "linear", "controller": "sac"}, "controller"),
-        ({"controller": "pid"}, "controller"),
-        ({"schedule": "stairs"}, "schedule"),
-        ({"schedule": "linear", "schedule_kwargs": {"start": 1.0, "total_steps": 3}}, "start"),
-        ({"schedule": "linear", "schedule_kwargs": {"total_steps": 3, "gamma": 0.9}}, "gamma"),
-        ({"controller": "target_entropy", "controller_kwargs": {"target": 0.2}}, "target"),
-        ({"controller": "target_entropy", "controller_kwargs": {"entropy_coef": 0.2}}, "entropy_coef"),
-        ({"controller": "sac", "controller_kwargs": {"init_alpha": 0.2}}, "init_alpha"),
-        ({"controller_kwargs": {"lr": 0.1}}, "controller_kwargs"),
-        ({"schedule_kwargs": {"end": 0.1}}, "schedule_kwargs"),
+        ({"entropy_schedule": "linear", "entropy_controller": "sac", "entropy_schedule_steps": 3},
+         "entropy_controller"),
+        ({"entropy_controller": "pid"}, "entropy_controller"),
+        ({"entropy_schedule": "stairs", "entropy_schedule_steps": 3}, "entropy_schedule"),
+        ({"entropy_schedule": "linear"}, "entropy_schedule_steps"),
+        ({"entropy_schedule": "linear", "entropy_schedule_steps": 0}, "entropy_schedule_steps"),
+        ({"entropy_schedule": "linear", "entropy_schedule_steps": 3, "entropy_warmup_steps": 4},
+         "entropy_warmup_steps"),
+        ({"entropy_controller": "target_entropy", "entropy_target": -0.2}, "entropy_target"),
+        ({"entropy_controller": "target_entropy", "entropy_coef_delta": 0.0}, "entropy_coef_delta"),
+        ({"entropy_controller": "target_entropy", "entropy_coef_max": -1.0}, "entropy_coef_max"),
+        ({"entropy_controller": "sac", "entropy_alpha_lr": 0.0}, "entropy_alpha_lr"),
+        ({"entropy_controller": "sac", "entropy_target_ratio": 1.5}, "entropy_target_ratio"),
+        ({"entropy_controller": "sac", "entropy_target": 0.2, "entropy_target_ratio": 0.5}, "entropy_target_ratio"),
     ],
 )
 def test_make_coefficient_validation_names_the_field(kwargs, field):
@@ -230,4 +235,4 @@ def test_make_coefficient_validation_names_the_field(kwargs, field):
 
 def test_make_coefficient_learned_alpha_needs_positive_start():
     with pytest.raises(ValueError, match="entropy_coef"):
-        make_coefficient(0.0, controller="learned_alpha")
+        make_coefficient(0.0, entropy_controller="learned_alpha")

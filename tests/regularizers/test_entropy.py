@@ -39,7 +39,7 @@ def test_token_level_sign_magnitude_and_gradient():
 def test_other_aggregations_at_token_level():
     h, m = _h()
     # seq-mean-token-mean: row means 3/3 = 1.0 and 2.0 -> 1.5 -> -0.1 * 1.5
-    assert EntropyBonus(0.1, loss_agg_mode="seq-mean-token-mean").loss_term(h, m).item() == pytest.approx(-0.15)
+    assert EntropyBonus(0.1, entropy_loss_agg_mode="seq-mean-token-mean").loss_term(h, m).item() == pytest.approx(-0.15)
     # global token count 8 (e.g. 2 ranks): 5 / 8 -> -0.1 * 0.625
     assert EntropyBonus(0.1).loss_term(h, m, global_token_count=8).item() == pytest.approx(-0.0625)
 
@@ -51,12 +51,12 @@ def test_sequence_level():
     assert seq.agg_mode == "seq-mean-token-sum"
     assert seq.loss_term(h, m).item() == pytest.approx(-0.25)
     # normalised by the constant max_len = 5: (3/5 + 2/5) / 2 = 0.5 -> -0.05
-    norm = EntropyBonus(0.1, entropy_level="sequence", loss_agg_mode="seq-mean-token-sum-norm")
+    norm = EntropyBonus(0.1, entropy_level="sequence", entropy_loss_agg_mode="seq-mean-token-sum-norm")
     assert norm.loss_term(h, m, max_len=5).item() == pytest.approx(-0.05)
     # over 4 sequences globally: 5 / 4 -> -0.125
     assert seq.loss_term(h, m, global_seq_count=4).item() == pytest.approx(-0.125)
-    with pytest.raises(ValueError, match="loss_agg_mode"):
-        EntropyBonus(0.1, entropy_level="sequence", loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match="entropy_loss_agg_mode"):
+        EntropyBonus(0.1, entropy_level="sequence", entropy_loss_agg_mode="token-mean")
 
 
 # Top-entropy selection: masked entropies 0.1, 0.4, 0.2, 0.3, 0.5 (sorted 0.1 0.2 0.3 0.4 0.5); pad 9.9 / 0.
@@ -82,15 +82,15 @@ def test_top_entropy_quantile_threshold_and_mask():
 
 def test_top_entropy_quantile_in_loss_term():
     # q = 0.4 keeps 0.4 and 0.5 -> mean 0.45 -> -1 * 0.45
-    bonus = EntropyBonus(1.0, top_entropy_quantile=0.4)
+    bonus = EntropyBonus(1.0, entropy_bonus_top_quantile=0.4)
     assert bonus.loss_term(HQ, MQ).item() == pytest.approx(-0.45)
     assert bonus.effective_mask(HQ, MQ).sum().item() == 2  # what a trainer counts for global_token_count
     # q = 1: all five, mean 1.5 / 5 = 0.3
     assert EntropyBonus(1.0).loss_term(HQ, MQ).item() == pytest.approx(-0.3)
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        EntropyBonus(1.0, top_entropy_quantile=1.5)
-    with pytest.raises(ValueError, match="top_entropy_quantile"):
-        EntropyBonus(1.0, entropy_level="sequence", top_entropy_quantile=0.2)
+    with pytest.raises(ValueError, match="entropy_bonus_top_quantile"):
+        EntropyBonus(1.0, entropy_bonus_top_quantile=1.5)
+    with pytest.raises(ValueError, match="entropy_bonus_top_quantile"):
+        EntropyBonus(1.0, entropy_level="sequence", entropy_bonus_top_quantile=0.2)
 
 
 def test_negative_coef_needs_explicit_flag():
@@ -144,10 +144,10 @@ def test_levels_refuse_the_wrong_call():
         EntropyBonus(0.5).reward_term(h, m)
     with pytest.raises(ValueError, match="entropy_level"):
         EntropyBonus(0.5, entropy_level="batch")
-    with pytest.raises(ValueError, match="loss_agg_mode"):
-        EntropyBonus(0.5, entropy_level="reward", loss_agg_mode="token-mean")
-    with pytest.raises(ValueError, match="loss_agg_mode"):
-        EntropyBonus(0.5, loss_agg_mode="token-sum")
+    with pytest.raises(ValueError, match="entropy_loss_agg_mode"):
+        EntropyBonus(0.5, entropy_level="reward", entropy_loss_agg_mode="token-mean")
+    with pytest.raises(ValueError, match="entropy_loss_agg_mode"):
+        EntropyBonus(0.5, entropy_loss_agg_mode="token-sum")
 
 
 # ---------------------------------------------------------------- the threshold over every rank

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ._common import gathered_params
+from ..ops import fused_linear_loss, gathered_params, linear_token_stats
 
 _OUTPUT_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -66,8 +66,6 @@ def install_fused_head(
         on_output: called as ``on_output(output)`` after every fused forward.
     """
     from trl.trainer.utils import FusedCausalLMOutput
-
-    from . import fused_linear_loss, linear_token_stats
 
     unknown = [o for o in outputs if o not in _OUTPUT_FIELDS]
     if unknown:

@@ -1,0 +1,1 @@
+"""Accelerate configs shipped with llm_entreg as package data (llm_entreg.configs); see docs/distributed.md."""
