@@ -159,7 +159,7 @@ def _sweep(argv: list[str]) -> int:
                             commit_band=args.commit_band, commit_min_gain=args.commit_min_gain),
             **options,
         )
-        from .sweep.runner import run_sweep
+        from .sweep import run_sweep
 
         mode = (f"{config.workers} worker process(es), study {config.resolved_study_name()!r}"
                 if config.parallel else "sequential")

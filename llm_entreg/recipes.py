@@ -1,23 +1,9 @@
 """Recipes are data: a YAML file names everything a run needs; this module loads, overrides and validates it.
 
-A recipe has these sections (see ``recipes/dpo_entropy.yaml``)::
-
-    algorithm: dpo            # which trainer: dpo, grpo or ppo
-    seed: 0
-    model: {name_or_path: embedded, ref_name_or_path: null, dtype: null}
-    data: {train: embedded, train_split: train, eval: null, eval_split: validation, max_train_samples: null,
-           max_eval_samples: null, task: add}
-    evaluation: {held_out: true, num_prompts: 200, split: test, max_new_tokens: 8}
-    rewards: {funcs: [correctness], weights: null, reward_model: null}   # grpo/ppo: reward functions (names or
-                              # module:function) and/or a reward model (a path, a hub id, or "embedded")
-    trainer: {...}            # fields of the algorithm's config dataclass (e.g. EntropyDPOConfig)
-    real_model: {...}         # optional: merged over the above by ``--real`` (real model / dataset ids)
-
-A recipe is a file path, or the name of a recipe shipped with the package (``dpo_entropy``).
-
-Overrides are ``key=value`` (the value is parsed as YAML): a bare key is a trainer field (``entropy_coef=0.01``)
-or a top-level key (``seed=1``); a dotted key addresses any section (``model.name_or_path=/path/to/model``).
-Unknown keys are refused with the closest valid name.
+Sections: ``algorithm`` (a name in :data:`llm_entreg.trainers.ALGORITHMS`), ``seed``, ``model``, ``data``,
+``evaluation``, ``rewards``, ``trainer`` (fields of the algorithm's config), ``real_model`` (merged by ``--real``).
+Overrides are ``key=value``; unknown keys are refused with the closest valid name. A recipe is a file path or the
+name of a shipped recipe. Every key and default: docs/recipes.md.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ def _columns(algorithm: str) -> tuple[str, ...]:
 
 
 def _embedded_split(default, algorithm: str, split: str):
-    datasets = default.datasets.preference if _algorithm_inputs(algorithm) == "preferences" else default.datasets.prompts
-    return datasets[split]
+    preference = _algorithm_inputs(algorithm) == "preferences"
+    return (default.datasets.preference if preference else default.datasets.prompts)[split]
 
 
 def resolve_reward_funcs(spec: dict, default=None) -> tuple[list, list[float] | None]:

@@ -1,11 +1,10 @@
-"""Time vs N per implementation for several vocabularies: table + log-log plot (see llm_entreg/bench_sizes.py)."""
+#!/usr/bin/env python
+"""Time vs N per implementation for several vocabularies: table + log-log plot (see llm_entreg/bench/sizes.py).
 
-import sys
-from pathlib import Path
+    python scripts/bench_sizes.py --ns 2048,16384,65536 --vocabs 128256,151936,262144 --d 4096 --dtype bf16
+"""
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llm_entreg.bench_sizes import main  # noqa: E402
+from llm_entreg.bench.sizes import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

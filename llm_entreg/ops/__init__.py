@@ -1,16 +1,10 @@
-"""Per-token log-prob + entropy ops: one dispatch point over the backends.
+"""Per-token log-prob + entropy ops: one dispatch point over the backends (``auto``, ``torch``, ``chunked``,
+``triton``).
 
-``logprob_and_entropy`` works on materialized logits ``[..., V]``; ``linear_logprob_and_entropy`` is the fused
-LM head (``hidden [N, d]``, ``weight [V, d]``) that never holds the ``[N, V]`` logits whole. Backends:
+``logprob_and_entropy`` works on materialized logits ``[..., V]``; ``linear_logprob_and_entropy`` is the fused LM
+head (``hidden [N, d]``, ``weight [V, d]``) that never holds the ``[N, V]`` logits whole; ``fused_linear_loss`` forms
+a per-token loss's gradient in the forward. Contracts, backends and tests: docs/kernels.md.
 
-- ``"torch"``: plain reference path (materializes everything, float32 math);
-- ``"chunked"``: torch, tiles over tokens and vocabulary with an online single pass; CPU and GPU;
-- ``"triton"``: Triton kernels (one on logits, one fused with the LM head);
-- ``"auto"``: Triton on CUDA, chunked elsewhere.
-
-Per-token outputs are float32. Both outputs are differentiable, each with its own upstream gradient; an output
-whose gradient is not needed costs no backward work. Positions whose target is ``ignore_index`` give 0 and get zero
-gradient. Bad input raises ``ValueError`` naming the argument.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """Chunked log-prob + entropy in plain torch: tiles over tokens x vocabulary, one online pass (CPU and GPU).
 
-Forward, per token chunk, per vocabulary chunk: form the logits tile (a slice of the given logits, or
-``hidden @ weight.T + bias`` for the fused LM head), fold it into running statistics with the shifted online
-update of DESIGN.md (max ``m``, ``S = sum exp(z - m)``, ``T' = sum exp(z - m) (z - m)``), and pick the target logit.
-Only ``(lse, H)`` per token is saved. Backward recomputes each tile and turns it into
-``dz = (1/T) [g_lp (1[i=y] - p) - g_H p (log p + H)]``; for the LM head the gradient GEMMs accumulate in fp32.
+Only ``(lse, H)`` per token is saved; the backward recomputes each tile. Ignored positions are compacted away first;
+``-inf`` guards are on only when the input can hold one. The online update and the backward: docs/kernels.md.
 
-Ignored positions are compacted away before any tile is formed, so they cost nothing. Guards against ``-inf``
-logits (masked vocabulary) are only switched on when the input can hold one (logits or bias with an ``-inf``).
 """
 
 from __future__ import annotations

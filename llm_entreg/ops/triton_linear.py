@@ -1,32 +1,17 @@
-"""Triton fused LM head: log-prob + entropy of ``softmax((hidden @ weight.T + bias) / T)``, no ``[N, V]`` logits.
+"""Triton fused LM head: log-prob + entropy of ``softmax((hidden @ weight.T + bias) / T)`` without the ``[N, V]``
+logits.
 
-Forward: grid ``(token blocks, vocabulary splits)``. A program owns ``BLOCK_N`` tokens and one contiguous slice of
-the vocabulary; it loops over ``BLOCK_V`` vocabulary blocks, forms each logits tile with ``tl.dot`` over ``d`` in
-``BLOCK_D`` steps (operands cast to the compute dtype, fp32 accumulation), and folds the tile into the shifted online
-statistics of DESIGN.md (max ``m``, ``S``, ``T'``), picks the target logit and the optional extras. Each split writes
-its partial statistics (``[splits, N]`` fp32); a few elementwise torch ops merge them into ``lse`` and ``H``.
-Splitting the vocabulary keeps the GPU busy when there are few token blocks.
-
-Backward (:func:`backward_plan`): token chunks (outer) x vocabulary chunks (inner). A Triton kernel recomputes each
-logits tile and writes ``dz = (1/T) [g_lp (1[i=y] - p) - g_H p (z - lse + H)]`` in the compute dtype into a buffer of
-at most :data:`DZ_BUFFER_BYTES`; cuBLAS GEMMs then give ``grad_weight[chunk] = dz^T @ h`` and ``grad_hidden += dz @ W``
-(fp32 accumulation inside each GEMM), and ``grad_bias = sum dz`` (fp32). The token chunk is as large as the fp32
-``grad_hidden`` accumulator allows (:data:`ACC_BYTES`; all tokens in one chunk up to 16384 tokens at d = 4096), so
-``grad_weight`` is written by one GEMM per vocabulary chunk over all tokens, with no ``[V, d]`` fp32 accumulator.
-Only gradients that are needed are computed.
-
-Block sizes, warps and pipeline stages are a :class:`KernelConfig` per kernel (``"fwd"``, ``"dz"``), chosen by
-:func:`kernel_config` from the device and dtype, or set by :func:`set_kernel_config` / the environment variables
-``LLM_ENTREG_TRITON_FWD`` and ``LLM_ENTREG_TRITON_DZ`` (e.g. ``128x128x64w8s3``: BLOCK_N x BLOCK_V x BLOCK_D, warps,
-stages) for tuning.
-
-Ignored positions (``target == ignore_index``) are compacted away before any kernel runs, so they cost nothing.
-Saved for backward: ``hidden``, ``weight``, ``bias`` (the inputs themselves), and per valid token ``(lse, H)``.
+Two modes (:data:`HEAD_MODES`): ``"tiles"`` forms each logits tile with ``tl.dot`` and folds it in registers;
+``"gemm"`` (the CUDA default) lets cuBLAS write fp32 logits into a bounded buffer that the row kernels of
+:mod:`.triton_logits` fold. Launch configurations are :class:`KernelConfig` per kernel, tunable through
+:func:`tuning` or ``LLM_ENTREG_TRITON_FWD`` / ``LLM_ENTREG_TRITON_DZ``. Grid, backward plan and measurements:
+docs/kernels.md and docs/kernels_notes.md.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +128,7 @@ def kernel_config(kernel: str, device: torch.device, compute_dtype: torch.dtype)
     """The configuration ``kernel`` launches with: override, else environment, else the device default.
 
     The CUDA defaults are the starting points written down in docs/kernels_notes.md, to be confirmed by the sweep of
-    ``scripts/device_issue7.sh``: on Hopper/Ampere with a half-precision compute dtype a 128 x 128 tile (8 warps,
+    ``scripts/gpu/benchmark_suite.sh``: on Hopper/Ampere with a half-precision compute dtype a 128 x 128 tile (8 warps,
     3 stages: 96 KiB of shared memory, 64 fp32 accumulator registers per thread, room for the softmax epilogue).
     """
     if kernel in _OVERRIDES:
@@ -157,6 +142,41 @@ def kernel_config(kernel: str, device: torch.device, compute_dtype: torch.dtype)
     if compute_dtype != torch.float32:
         return KernelConfig(128, 128, 64, 8, 3) if major >= 8 else KernelConfig(64, 128, 32, 4, 2)
     return KernelConfig(64, 128, 32, 8, 3) if major >= 8 else KernelConfig(64, 64, 32, 4, 2)
+
+
+#: Module-level tuning knobs that :func:`tuning` sets, by its keyword.
+TUNING_KNOBS = {"min_splits": "MIN_SPLITS", "dz_group": "DZ_GROUP", "split_fastest": "SPLIT_FASTEST",
+                "gemm_buffer_bytes": "GEMM_BUFFER_BYTES", "acc_bytes": "ACC_BYTES"}
+
+
+@contextmanager
+def tuning(head_mode: str | None = None, fwd: KernelConfig | str | None = None, dz: KernelConfig | str | None = None,
+           min_splits: int | None = None, dz_group: int | None = None, split_fastest: bool | None = None,
+           gemm_buffer_bytes: int | None = None, acc_bytes: int | None = None):
+    """Within the block, run the head with these settings; on exit (error included) restore the previous ones.
+
+    ``head_mode`` as :func:`set_head_mode`, ``fwd`` / ``dz`` as :func:`set_kernel_config`, the rest set
+    :data:`MIN_SPLITS`, :data:`DZ_GROUP`, :data:`SPLIT_FASTEST`, :data:`GEMM_BUFFER_BYTES`, :data:`ACC_BYTES`.
+    ``None`` leaves a setting as it is. The backward reads the same settings: run it inside the block too.
+    """
+    saved_mode, saved_configs = _MODE_OVERRIDE[0], dict(_OVERRIDES)
+    values = {"min_splits": min_splits, "dz_group": dz_group, "split_fastest": split_fastest,
+              "gemm_buffer_bytes": gemm_buffer_bytes, "acc_bytes": acc_bytes}
+    saved_knobs = {name: globals()[name] for name in TUNING_KNOBS.values()}
+    try:
+        if head_mode is not None:
+            set_head_mode(head_mode)
+        for kernel, config in (("fwd", fwd), ("dz", dz)):
+            if config is not None:
+                set_kernel_config(kernel, config)
+        globals().update({TUNING_KNOBS[k]: v for k, v in values.items() if v is not None})
+        yield
+    finally:
+        _MODE_OVERRIDE[0] = saved_mode
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved_configs)
+        globals().update(saved_knobs)
+
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

@@ -1,16 +1,7 @@
-"""Triton log-prob + entropy over materialized logits ``[N, V]`` (forward and backward kernels).
-
-Forward: one program per token row, one online pass over vocabulary blocks of ``BLOCK_V`` columns with the shifted
-statistic of DESIGN.md (running max ``m``, ``S = sum exp(z - m)``, ``T' = sum exp(z - m) (z - m)``), then
-``lse = m + log S`` and ``H = log S - T'/S``. The target logit is read directly. Only ``(lse, H)`` per token (plus
-the logits and targets) are kept for the backward.
-
-Backward: one program per token row, recomputes ``p = exp(z - lse)`` block by block and writes
-``dlogits = (1/T) [g_lp (1[i=y] - p) - g_H p (z - lse + H)]`` in the logits' dtype. A term whose upstream gradient
-is ``None`` is compiled out.
-
-On a machine without a GPU the kernels run under ``TRITON_INTERPRET=1`` (read by Triton when this module is
-imported, so it must be set before the first import).
+"""Triton log-prob + entropy over materialized logits ``[N, V]`` (forward and backward kernels), one program per
+token row with the online single pass; also the row kernels the gemm-mode head and the loss-fused path use. On a
+machine without a GPU they run under ``TRITON_INTERPRET=1``, which must be set before triton is first imported.
+The kernels' math: docs/kernels.md.
 """
 
 from __future__ import annotations

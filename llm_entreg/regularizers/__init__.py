@@ -3,7 +3,8 @@
 No trainer knowledge lives here: tensors and plain numbers in, tensors and plain numbers out.
 
 - :mod:`.aggregation` -- ``aggregate`` with the four ``loss_agg_mode``s and global (cross-rank, cross-GA)
-  normalizers, ``token_weights`` (the same reduction as per-token weights); ``global_token_and_seq_counts``; ``global_mean_loss_scale`` (the factor the caller applies).
+  normalizers, ``token_weights`` (the same reduction as per-token weights); ``global_token_and_seq_counts``;
+  ``global_mean_loss_scale`` (the factor the caller applies).
 - :mod:`.entropy` -- ``EntropyBonus`` (token / sequence / reward level) and its pure functions.
 - :mod:`.kl` -- KL-to-reference estimators k1/k2/k3, in the reward or in the loss; KL coefficient controllers.
 - :mod:`.schedules` -- coefficient schedules of the optimizer step.

@@ -1,16 +1,8 @@
 """Where the entropy coefficient comes from: constant, schedule, or a controller that reads the entropy.
 
-Every source implements :class:`CoefficientSource`, so a trainer treats them alike:
-
-- ``source.value`` -- the coefficient to use for every micro-batch of the current optimizer step;
-- ``source.step(measured_entropy)`` -- call exactly once after each optimizer step (never per micro-batch),
-  with the mean per-token entropy of that step measured over the whole accumulation window and all ranks
-  (a token-weighted global mean: all-reduce ``[sum H, count]`` jointly); sources that do not read the entropy
-  accept and ignore it;
-- ``state_dict()`` / ``load_state_dict()`` -- plain Python values and tensors (``torch.save(...,
-  weights_only=True)``-safe), so a resumed run continues the exact same coefficient trajectory.
-
-:func:`make_coefficient` builds any of them from plain config values.
+Every source implements :class:`CoefficientSource`: ``value`` for every micro-batch of the current optimizer step,
+``step(measured_entropy)`` once per optimizer step (the token-weighted global mean), and a ``state_dict`` of plain
+values and tensors so a resumed run continues the same trajectory. Controllers: docs/formulations.md.
 """
 
 from __future__ import annotations

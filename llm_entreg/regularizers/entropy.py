@@ -211,7 +211,7 @@ class EntropyBonus:
 
     @property
     def agg_mode(self) -> str | None:
-        """The aggregation actually used (``entropy_loss_agg_mode`` or the level's default; ``None`` at reward level)."""
+        """The aggregation used: ``entropy_loss_agg_mode`` or the level's default (``None`` at reward level)."""
         mode = self.entropy_loss_agg_mode
         return mode if mode is not None else _DEFAULT_AGG[self.entropy_level]
 

@@ -1,24 +1,7 @@
-"""KL-to-reference: per-token estimators, in the reward or in the loss, and the KL coefficient controllers.
+"""KL-to-reference: per-token estimators k1/k2/k3, in the reward or in the loss, and the KL coefficient controllers.
 
-Tokens are sampled from the current policy ``pi``; every estimator below estimates ``KL(pi || pi_ref)`` at
-one token from the two log-probs of the sampled token (Schulman, "Approximating KL divergence", 2020). With
-``r = log pi_ref(a) - log pi(a)``:
-
-- ``k1 = log pi - log pi_ref = -r``: unbiased value, may be negative per token, high variance. Classic
-  PPO-RLHF KL-in-reward. Alias ``"kl"``.
-- ``k2 = 1/2 (log pi - log pi_ref)^2``: ``>= 0``, biased value (little bias while ``pi`` is near ``pi_ref``).
-  Alias ``"mse"``.
-- ``k3 = exp(r) - r - 1``: unbiased value, ``>= 0``, low variance. GRPO's KL-in-loss. Alias ``"low_var_kl"``.
-
-Differentiated *in the loss* with the sampled tokens held fixed, their expected gradients differ from their
-values: ``E[grad k1] = E[grad log pi] = 0`` (k1 in the loss does nothing on average), ``E[grad k2] =
-grad KL(pi || pi_ref)`` (the forward KL's true gradient), ``E[grad k3] = grad KL(pi_ref || pi)`` (the reverse
-KL's gradient). In the reward (detached) only the values matter.
-
-KL anchors the location of the distribution (stay near the reference); the entropy bonus preserves its spread.
-Where the KL goes: **in the reward** (classic PPO-RLHF: ``r_t -= beta * KL_t``, detached, flows through GAE) --
-use :func:`kl_in_reward`; **in the loss** (GRPO: ``loss += beta * agg(KL_t)``, differentiated) -- use
-:func:`kl_in_loss`.
+Which estimator estimates what, and what its gradient does in the loss: docs/formulations.md ("KL-to-reference
+estimators").
 """
 
 from __future__ import annotations

@@ -6,19 +6,48 @@ with per-trial flags (collapsed / never committed), the best-β pick, a results 
     result.best  # the pick; also in <out>/best.json
 
 Modules: :mod:`.grid` (axes, product, trial ids; pure), :mod:`.spec` (sweep-spec YAML and settings),
-:mod:`.runner` (sequential and Optuna runners, resume, failure capture), :mod:`.store` (trial.json,
-results.csv/md), :mod:`.pick` (flags and the pick rule; pure), :mod:`.plots`, :mod:`.fake` (a synthetic trial
-function for dry runs and tests). See docs/sweep.md.
+:mod:`.runner` (one trial, the sequential loop), :mod:`.workers` (Optuna study and worker
+processes, the ``accelerate launch`` trial), :mod:`.report` (rows, tables, plots), :mod:`.store` (trial.json,
+results.csv/md), :mod:`.pick` (flags and the pick rule; pure), :mod:`.fake` (a synthetic trial function for dry
+runs and tests). :func:`run_sweep`, here, puts them together. See docs/sweep.md.
 """
+
+from collections.abc import Callable
+from pathlib import Path
 
 from .grid import Grid, GridError, TrialSpec, build_trials, format_coef, log_range, parse_float_list, trial_id
 from .pick import RULE, Thresholds, fit_exp_entropy, is_collapsed, is_never_committed, pick_best, trial_metrics
+from .report import SweepResult, collect, write_report
+from .runner import check_trial_dirs, last_checkpoint, run_sequential, run_trial, trial_dir
 from .spec import SweepConfig, SweepError, build_config, load_sweep_spec
-from .runner import SweepResult, run_sweep, run_trial
+from .store import write_json
+from .workers import open_study, run_parallel
 
 __all__ = [
-    "Grid", "GridError", "RULE", "SweepConfig", "SweepError", "SweepResult", "Thresholds", "TrialSpec",
+    "RULE", "Grid", "GridError", "SweepConfig", "SweepError", "SweepResult", "Thresholds", "TrialSpec",
     "build_config", "build_trials", "fit_exp_entropy", "format_coef", "is_collapsed", "is_never_committed",
-    "load_sweep_spec", "log_range", "parse_float_list", "pick_best", "run_sweep", "run_trial", "trial_id",
-    "trial_metrics",
+    "last_checkpoint", "load_sweep_spec", "log_range", "open_study", "parse_float_list", "pick_best", "run_sweep",
+    "run_trial", "trial_dir", "trial_id", "trial_metrics",
 ]
+
+
+def run_sweep(config: SweepConfig, trial_fn: Callable | None = None, report_only: bool = False) -> SweepResult:
+    """Run (or resume) every trial, then write results.csv / results.md / best.json and the plots."""
+    if trial_fn is not None:
+        config.trial_fn = trial_fn
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_trial_dirs(config)
+    write_json(out / "sweep.json", config.record())
+    study = None
+    try:
+        if config.parallel:
+            if not report_only:
+                run_parallel(config)
+            study = open_study(config, create=True)
+        elif not report_only:
+            run_sequential(config)
+    finally:  # also after Ctrl-C: the report shows what finished
+        rows, curves = collect(config, study)
+        result = write_report(config, rows, curves)
+    return result

@@ -1,16 +1,6 @@
 """A synthetic trial function with :func:`llm_entreg.run.run`'s signature: no model, milliseconds per trial.
-
-``llm-entreg sweep ... --dry-run`` uses it to check the sweep machinery (grid, workers, shared storage, resume,
-reports) before spending compute, e.g. when setting up a multi-machine sweep; the tests use it too. Its curves
-follow a caricature of the entropy trade-off: with a small β the entropy decays toward a floor (collapse), with a
-large β it stays where it started and the reward barely moves; the reward peaks at a middle β.
-
-It writes ``metrics.jsonl`` and ``summary.json`` into the recipe's ``trainer.output_dir`` like ``run`` does, and
-honours ``resume_from_checkpoint`` by continuing the log after the checkpoint's step. A negative ``entropy_coef``
-raises ``ValueError`` (as the real config does without ``allow_entropy_minimization``). The environment variable
-``LLM_ENTREG_FAKE_SLEEP`` (seconds per trial) slows it down for parallel tests;
-``LLM_ENTREG_FAKE_CRASH_ONCE=β[,β...]`` kills the process (``os._exit``) halfway through those trials the first
-time, after writing a ``checkpoint-<step>`` directory, to test recovery from a dead worker.
+``llm-entreg sweep ... --dry-run`` uses it to check the sweep machinery (grid, workers, storage, resume, reports)
+before spending compute; the tests use it too. See docs/sweep.md.
 """
 
 from __future__ import annotations
@@ -39,6 +29,15 @@ def _coef_at(trainer: dict, step: int, total: int) -> float:
 
 
 def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
+    """Write ``metrics.jsonl`` and ``summary.json`` into ``trainer.output_dir`` like ``run`` does.
+
+    The curves caricature the entropy trade-off: with a small β the entropy decays toward a floor (collapse),
+    with a large β it stays where it started and the reward barely moves; the reward peaks at a middle β.
+    ``resume_from_checkpoint`` continues the log after the checkpoint's step. A negative ``entropy_coef`` raises
+    ``ValueError`` (as the real config does without ``allow_entropy_minimization``). ``LLM_ENTREG_FAKE_SLEEP``
+    (seconds per trial) slows it down; ``LLM_ENTREG_FAKE_CRASH_ONCE=β[,β...]`` kills the process (``os._exit``)
+    halfway through those trials the first time, after writing a ``checkpoint-<step>`` directory.
+    """
     trainer = recipe["trainer"]
     out = Path(trainer["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 REWARD_KEYS = ("eval_reward", "reward", "objective/rlhf_reward", "objective/scores", "eval_rewards/accuracies",
                "rewards/accuracies")

@@ -1,18 +1,7 @@
-"""A sweep's settings, from a recipe plus command-line axes, or from a sweep-spec YAML (``recipes/sweep_beta.yaml``).
-
-A sweep spec is a small YAML naming the base recipe and the axes::
-
-    base_recipe: dpo_entropy.yaml        # relative to this file (or the working directory), or absolute
-    entropy_coef: [0, 1.0e-3, 1.0e-2]    # or: log_range: {start: 1.0e-4, stop: 1.0e-1, points: 4, include_zero: true}
-    schedules: [constant]                # constant | linear | exponential | cosine | target_entropy | learned_alpha
-    seeds: [0]
-    overrides: {max_steps: 60}           # or a list of "key=value"; applied to every trial
-    end_ratio: 0.01                      # optional: decaying schedules end at β x end_ratio
-    out: runs/sweep_beta                 # optional
-    thresholds: {collapse_fraction: 0.5, window: 0.2, commit_band: 0.1, commit_min_gain: 0.01}   # optional
-    tie_tolerance: 0.0                   # optional
-
-Command-line flags override the spec's values; command-line ``key=value`` overrides come after the spec's.
+"""A sweep's settings (:class:`SweepConfig`), from a recipe plus command-line axes, or from a sweep-spec YAML
+(``recipes/sweep_beta.yaml``: ``base_recipe`` plus axes and options, keys in :data:`SPEC_KEYS`). Command-line
+values override the spec's; command-line ``key=value`` overrides come after the spec's. See docs/sweep.md
+("A sweep spec").
 """
 
 from __future__ import annotations
@@ -20,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .grid import GridError, TrialSpec, build_trials, parse_float_list, parse_int_list, parse_log_range, parse_schedules
 from .pick import Thresholds
@@ -31,6 +21,7 @@ SPEC_KEYS = {"base_recipe", "entropy_coef", "log_range", "schedules", "seeds", "
              "thresholds", "tie_tolerance", "threads", "description", "accelerate_config"}
 DEFAULT_TRIAL_FN = "llm_entreg.run:run"
 DRY_RUN_TRIAL_FN = "llm_entreg.sweep.fake:fake_run"
+ACCELERATE_TRIAL_FN = "llm_entreg.sweep.workers:accelerate_run"  # each trial under `accelerate launch`
 
 
 class SweepError(ValueError):
@@ -101,9 +92,9 @@ class SweepConfig:
 
 
 def _load_yaml(path: Path) -> Any:
-    from ..recipes import _yaml  # the recipes' YAML 1.2 flavour: 1e-4 is a float, "no" stays a string
+    from ..recipes import parse_yaml  # the recipes' YAML 1.2 flavour: 1e-4 is a float, "no" stays a string
 
-    return _yaml(path.read_text())
+    return parse_yaml(path.read_text())
 
 
 def is_sweep_spec(path: str | os.PathLike) -> bool:
@@ -152,13 +143,61 @@ def _recipe_schedule(recipe: dict) -> str:
     return trainer.get("entropy_controller") or trainer.get("entropy_schedule") or "constant"
 
 
+def coef_axis(spec: dict, base_recipe: dict, entropy_coef=None, log_range=None, points: int | None = None,
+              include_zero: bool = False) -> list[float]:
+    """The β values: the command line's list or log range, else the spec's, else the recipe's ``entropy_coef``."""
+    if entropy_coef is not None and log_range is not None:
+        raise GridError("give --entropy-coef or --log-range, not both")
+    if entropy_coef is not None:
+        coefs = parse_float_list(entropy_coef)
+    elif log_range is not None:
+        coefs = parse_log_range(log_range, points, include_zero)
+    elif spec.get("entropy_coef") is not None:
+        coefs = parse_float_list(spec["entropy_coef"], "entropy_coef")
+    elif spec.get("log_range") is not None:
+        coefs = parse_log_range(spec["log_range"], points, include_zero)
+    else:
+        coefs = [float(base_recipe["trainer"].get("entropy_coef", 0.0) or 0.0)]
+    if include_zero and 0.0 not in coefs:
+        coefs = [0.0, *coefs]
+    return coefs
+
+
+def process_options(spec: dict, options: dict) -> tuple[int, int | None]:
+    """Check ``workers``, ``threads`` and ``accelerate_config`` (flag, else spec) now, naming a bad value; the
+    accelerate config also picks the trial function. Returns ``(workers, threads)``; ``options`` is updated."""
+    workers = int(options.pop("workers", 1) or 1)
+    if workers < 1:
+        raise SweepError(f"--workers: must be >= 1, got {workers}")
+    accelerate_config = options.pop("accelerate_config", None) or spec.get("accelerate_config")
+    if accelerate_config is not None:
+        from ..launch import LaunchError, resolve_accelerate_config
+
+        try:
+            resolve_accelerate_config(str(accelerate_config))  # fail now, naming the config, not in every trial
+        except LaunchError as exc:
+            raise SweepError(str(exc)) from None
+        if options.get("trial_fn") is None:
+            options["trial_fn"] = ACCELERATE_TRIAL_FN
+        options["accelerate_config"] = str(accelerate_config)
+    threads = options.pop("threads", None)
+    threads = threads if threads is not None else spec.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SweepError(f"--threads: expected a positive integer, got {threads!r}")
+    return workers, threads
+
+
 def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy_coef=None, log_range=None,
                  points: int | None = None, include_zero: bool = False, schedules=None, seeds=None,
                  end_ratio: float | None = None, out: str | None = None, thresholds: dict | None = None,
                  tie_tolerance: float | None = None, **options) -> SweepConfig:
     """A :class:`SweepConfig` from a recipe or a sweep spec plus command-line values (these win)."""
-    from ..recipes import RecipeError, load_recipe
+    from ..recipes import RecipeError, load_recipe, resolve_recipe_path
 
+    try:  # a file, or the name of a shipped recipe or sweep spec
+        source = str(resolve_recipe_path(source))
+    except RecipeError:
+        pass  # load_recipe names the missing file below
     spec: dict[str, Any] = load_sweep_spec(source) if is_sweep_spec(source) else {"base_recipe": source}
     base = spec["base_recipe"]
     overrides = list(spec.get("overrides") or []) + list(cli_overrides or [])
@@ -168,20 +207,7 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
     except RecipeError as exc:
         raise SweepError(str(exc)) from exc
     try:
-        if entropy_coef is not None and log_range is not None:
-            raise GridError("give --entropy-coef or --log-range, not both")
-        if entropy_coef is not None:
-            coefs = parse_float_list(entropy_coef)
-        elif log_range is not None:
-            coefs = parse_log_range(log_range, points, include_zero)
-        elif spec.get("entropy_coef") is not None:
-            coefs = parse_float_list(spec["entropy_coef"], "entropy_coef")
-        elif spec.get("log_range") is not None:
-            coefs = parse_log_range(spec["log_range"], points, include_zero)
-        else:
-            coefs = [float(base_recipe["trainer"].get("entropy_coef", 0.0) or 0.0)]
-        if include_zero and 0.0 not in coefs:
-            coefs = [0.0, *coefs]
+        coefs = coef_axis(spec, base_recipe, entropy_coef, log_range, points, include_zero)
         scheds = parse_schedules(schedules if schedules is not None else spec.get("schedules", _recipe_schedule(base_recipe)),
                                  "--schedules" if schedules is not None else "schedules")
         seed_list = parse_int_list(seeds if seeds is not None else spec.get("seeds", base_recipe["seed"]),
@@ -196,25 +222,7 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
     tol = tie_tolerance if tie_tolerance is not None else float(spec.get("tie_tolerance", 0.0))
     if tol < 0:
         raise SweepError(f"--tie-tolerance: must be >= 0, got {tol}")
-    workers = int(options.pop("workers", 1) or 1)
-    if workers < 1:
-        raise SweepError(f"--workers: must be >= 1, got {workers}")
-    accelerate_config = options.pop("accelerate_config", None) or spec.get("accelerate_config")
-    if accelerate_config is not None:
-        from ..launch import LaunchError, resolve_accelerate_config
-        from .launch import ACCELERATE_TRIAL_FN
-
-        try:
-            resolve_accelerate_config(str(accelerate_config))  # fail now, naming the config, not in every trial
-        except LaunchError as exc:
-            raise SweepError(str(exc)) from None
-        if options.get("trial_fn") is None:
-            options["trial_fn"] = ACCELERATE_TRIAL_FN
-        options["accelerate_config"] = str(accelerate_config)
-    threads = options.pop("threads", None)
-    threads = threads if threads is not None else spec.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise SweepError(f"--threads: expected a positive integer, got {threads!r}")
+    workers, threads = process_options(spec, options)
     return SweepConfig(
         base_recipe=str(base), trials=build_trials(coefs, scheds, seed_list),
         out_dir=str(out or spec.get("out") or default_out_dir(source)), overrides=overrides, real=real,

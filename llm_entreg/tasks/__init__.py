@@ -1,22 +1,7 @@
 """The embedded default: an offline, tiny, CPU-friendly RL task (tokenizer, model, data, rewards, evaluation).
 
-One call gives a run everything it needs::
-
-    from llm_entreg.tasks import build_default
-
-    d = build_default(seed=0)          # first call: 20-30 s SFT warm start on one CPU thread, then cached
-    d.model_path                       # str: give to a TRL trainer as `model=`
-    d.tokenizer                        # the byte-level tokenizer (pad / bos / eos set)
-    d.preference_train                 # DPO: prompt / chosen / rejected
-    d.prompts_train, d.reward_funcs    # GRPO / PPO: prompt / answer / task + verifiable rewards
-    d.evaluate(model)                  # held-out accuracy, reward, entropy, NLL on the validation split
-    rm_path, _ = ensure_reward_model(d)  # learned reward model (tasks.reward_model): ~10 s once, then cached;
-                                         # GRPOTrainer(reward_funcs=[str(rm_path)]), score_texts() to evaluate
-
-The task is small-number addition (``"12+7="`` -> ``"19"``) by default, ``"reverse"`` or ``"mix"`` on request; the
-model a 2-layer Qwen2 of width 64 (~165k parameters, byte-level vocabulary of 260) warm-started until it answers
-~40-45% of the held-out prompts right greedily (~36% sampled) with a next-token entropy of ~0.48 nats.
-The cache lives under ``$LLM_ENTREG_CACHE`` (default ``~/.cache/llm_entreg``) or the ``cache_dir`` argument.
+``build_default(seed=0)`` gives a run everything it needs (a warm-started tiny model, cached); usage and figures:
+docs/embedded_default.md.
 """
 
 from __future__ import annotations

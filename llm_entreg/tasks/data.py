@@ -1,27 +1,6 @@
-"""Synthetic tasks with a verifiable answer, and the datasets built from them (TRL's standard text format).
-
-Tasks (``TaskSpec.task``):
-
-- ``"add"``: ``"12+7="`` -> ``"19"``; operands are integers in ``[0, max_operand]``.
-- ``"reverse"``: ``"rev:abc="`` -> ``"cba"``; lower-case strings of ``rev_min_len..rev_max_len`` letters.
-- ``"mix"``: both, in every split.
-
-Every problem's answer can be recomputed from its prompt (:func:`solve`), which is what the reward functions do when
-no ``answer`` column reaches them.
-
-Splits: the pool of distinct problems (all operand pairs for ``add``; ``rev_pool_size`` distinct strings for
-``reverse``) is shuffled with the seed and cut into ``validation`` (``n_validation``), ``test`` (``n_test``) and
-``train`` (the rest), so the three are disjoint by prompt. Everything is a pure function of ``(spec, seed)``: the
-same call gives the same datasets on every machine (string-seeded :class:`random.Random`, no hash randomisation).
-
-Dataset formats (columns):
-
-- SFT: ``prompt``, ``completion`` (no ``<eos>``: TRL appends it);
-- preference (DPO): ``prompt``, ``chosen`` (the correct answer), ``rejected`` (a plausible wrong answer: off by one,
-  a carry error, swapped digits, ... for ``add``; the unreversed string, two swapped letters, a dropped or changed
-  letter for ``reverse``), no ``<eos>``;
-- prompts (GRPO / PPO): ``prompt``, ``answer``, ``task`` (extra columns reach GRPO reward functions as kwargs);
-  :func:`tokenize_prompts` adds ``input_ids`` for trainers that want them pre-tokenized.
+"""Synthetic tasks with a verifiable answer (``add``, ``reverse``, ``mix``) and the SFT, preference and prompt datasets
+built from them in TRL's standard text format; disjoint splits, a pure function of ``(spec, seed)``. Details:
+docs/embedded_default.md ("Tasks and datasets").
 """
 
 from __future__ import annotations

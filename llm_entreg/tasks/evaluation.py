@@ -1,24 +1,5 @@
-"""Held-out evaluation of a policy on the embedded task: accuracy / reward, policy entropy, validation NLL.
-
-:func:`evaluate` reports (all means, floats):
-
-- ``accuracy`` / ``reward``: greedy decoding; exact-match accuracy and the mean total reward of ``reward_funcs``
-  (weighted by ``reward_weights``; with the default correctness reward, ``reward == accuracy``);
-- ``sampled_accuracy`` / ``sampled_reward``: the same for one sample per prompt at ``temperature``
-  (``num_samples`` > 1 draws more);
-- ``entropy``: mean per-token entropy of the policy's next-token distribution ``softmax(z / temperature)`` over the
-  **sampled** completions' tokens (every generated token up to and including ``<eos>``) -- the on-policy quantity
-  the RL trainers regularize and log;
-- ``greedy_entropy``: the same at temperature 1 over the greedy completions' tokens;
-- ``ref_entropy``: mean per-token entropy (temperature 1) over the **reference** (correct) completions, teacher
-  forced -- independent of sampling, so it is the steadiest of the three for comparing checkpoints;
-- ``nll``: mean per-token negative log-likelihood (nats) of the correct completions including ``<eos>``;
-  ``seq_nll``: its per-sequence sum, averaged over sequences;
-- ``completion_length``: mean number of tokens of the sampled completions (``<eos>`` counted);
-- ``num_prompts``.
-
-Generation is batched with left padding through ``model.generate``; the forward passes for NLL are batched with
-right padding. Sampling is deterministic in ``seed`` and leaves the caller's global RNG untouched.
+"""Held-out evaluation of a policy on the embedded task: accuracy and reward (greedy and sampled), policy entropy,
+validation NLL. What each metric measures: docs/embedded_default.md ("Held-out evaluation").
 """
 
 from __future__ import annotations

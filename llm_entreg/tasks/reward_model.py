@@ -1,44 +1,7 @@
 """A tiny learned reward model for the embedded default, trained with TRL's ``RewardTrainer`` and cached on disk.
 
-The reward model is a ``transformers`` sequence classifier with one output (``AutoModelForSequenceClassification``,
-``num_labels=1``, ``pad_token_id`` set), saved with its tokenizer, so TRL's ``GRPOTrainer`` takes it as a reward
-function either as the loaded model or as the directory path (``reward_funcs=[path]``). It is trained with TRL's
-``RewardTrainer`` (Bradley-Terry loss) on the embedded preference train split: ``chosen`` = the correct answer,
-``rejected`` = a plausible wrong one.
-
-**Input format.** ``GRPOTrainer`` scores a completion by decoding it without special tokens, concatenating it to the
-prompt text and tokenizing that with ``add_special_tokens=False`` (no ``<bos>``, no ``<eos>``), right-padded; the
-reward is ``logits[:, 0]`` at the last non-pad token. The reward model is trained on exactly that form (the pairs are
-tokenized here and given to ``RewardTrainer`` as ``chosen_ids`` / ``rejected_ids``, which it takes as they are), and
-:func:`score_texts` scores the same way, so training, evaluation and GRPO agree.
-
-**Initialisation** (``RewardModelConfig.init`` / ``readout``). As in InstructGPT the backbone is the SFT warm-started
-policy at ``EmbeddedDefault.model_path`` (``init="warmstart"``; ``"scratch"``: a random model of the same shape).
-
-- ``readout="linear"``: the plain recipe, the policy with its LM head replaced by a random scalar head. On this tiny
-  model it does not learn to rank held-out pairs within a CPU-friendly budget: the correctness of an answer is
-  nowhere in the last token's hidden state (a linear probe on it is at chance), and 2,000 steps (80 s) of
-  ``RewardTrainer`` only memorise the training pairs (held-out accuracy 0.5-0.6).
-- ``readout="likelihood"`` (default): two layers are added on top of the policy and set by hand so that, before any
-  training, the score is the policy's mean per-token log-likelihood of the text (centered logits of the answer
-  alphabet): the DPO implicit reward, which ranks ~80% of held-out pairs right in this input format. The hidden
-  size grows by ``3 + 2 * len(alphabet)`` channels that the policy's own layers neither read nor write, so the policy
-  computes exactly what it did (its normalisation weights are rescaled for the wider vector). Layer A's attention
-  copies, at every position, the previous position's next-token logits over the alphabet (a previous-token head built
-  from RoPE biases) and writes a large constant channel (it dominates the later RMS norms, making them plain scalings);
-  its gated MLP multiplies the copied logits by a one-hot of the current token (a tiny marker in the embedding), which
-  gives the log-likelihood of each token. Layer B averages that over the positions (uniform attention); the score head
-  reads the average. ``RewardTrainer`` then fine-tunes the policy part (its own weights, its final norm and alphabet
-  logit rows, and the score scale) under the fixed readout: on the default task held-out pairwise accuracy goes from
-  0.79 to 0.87 in the default 200 steps (7-16 s on one thread of a busy 2-core CPU); more steps overfit the 2,048
-  pairs (800 steps: 0.87 held-out, 0.92 on training pairs). The hand-set entries stay frozen: their large gains
-  would amplify any drift (trained along, they drop the accuracy to 0.57 within 150 steps).
-
-**Cache**: ``<root>/reward_model/<arch>-<task>-<hash>`` where ``<root>`` is the ``cache_dir`` argument, else the root
-of the warm start's cache, else ``$LLM_ENTREG_CACHE`` / ``~/.cache/llm_entreg``; the hash covers the config, the warm
-start's cache key and the exact training / validation pairs. Written like the warm start: a temporary sibling
-directory, the marker ``reward_model.json`` (config, held-out pairwise accuracy before / after, timings) last, an
-atomic rename, and a per-key file lock so that concurrent processes train once.
+A sequence classifier with one output that ``GRPOTrainer`` takes as a reward function (loaded or by path). Its input
+format, the hand-set likelihood readout and the cache: docs/embedded_default.md ("The learned reward model").
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
-"""Verifiable reward functions in TRL's GRPO reward-function convention.
-
-TRL 1.16's ``GRPOTrainer`` calls every plain-function reward as::
-
-    reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids, **reward_kwargs)
-
-where ``completions`` are decoded with ``skip_special_tokens=True`` (strings in the standard format, lists of
-message dicts in the conversational one) and ``reward_kwargs`` holds every extra dataset column (here ``answer`` and
-``task``) plus ``trainer_state``, ``log_extra`` and ``log_metric``. A function returns one float per completion
-(None becomes NaN). The functions below accept all of that, ignore what they do not need, and also work when called
-by hand with just ``prompts`` and ``completions``: the correct answer is then recomputed from the prompt.
-
-- :func:`correctness_reward`: 1.0 when the stripped completion equals the correct answer, else 0.0.
-- :func:`format_reward`: 1.0 when the completion is well formed for its task (digits only for ``add``, lower-case
-  letters only for ``reverse``), else 0.0 -- partial credit that does not need the answer to be right.
-- :func:`partial_credit_reward`: fraction of answer characters right in position, with a length penalty.
+"""Verifiable reward functions in TRL's GRPO reward-function convention (``correctness``, ``format``,
+``partial_credit``); each also works called by hand with prompts and completions. The calling convention:
+docs/embedded_default.md ("Reward functions").
 """
 
 from __future__ import annotations

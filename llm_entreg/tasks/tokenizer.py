@@ -1,28 +1,6 @@
-"""A tiny byte-level tokenizer for the embedded default task, built offline with ``tokenizers``.
-
-Every byte is one token (a byte-level BPE with no merges); four special tokens come first::
-
-    <pad> = 0    <unk> = 1    <bos> = 2    <eos> = 3    byte b = 4 + b
-
-so digits, letters and punctuation are one token each and any UTF-8 text round-trips exactly:
-``decode(encode(s), skip_special_tokens=True) == s``. ``<unk>`` is never produced (kept so that loaders which add a
-default unknown token find one and do not grow the vocabulary).
-
-The pipeline (NFC normalizer, byte-level pre-tokenizer and decoder, BPE model without merges) is deliberately
-equivalent to the one ``transformers``' ``Qwen2Tokenizer`` rebuilds from a vocabulary: ``AutoTokenizer`` loads a
-checkpoint whose ``model_type`` is ``qwen2`` with that class, whatever ``tokenizer_config.json`` says, and rebuilds
-everything but the vocabulary and the post-processor. Mirroring it makes the saved tokenizer load back identical
-for both architectures (a test checks it).
-
-Encoding prepends ``<bos>`` (a post-processor, like Llama's tokenizer) and never appends ``<eos>``: TRL's trainers
-append ``tokenizer.eos_token`` to completions themselves (DPO, SFT) or stop generation on ``eos_token_id`` (GRPO).
-Because every byte is its own token, the tokenized prompt is always a prefix of the tokenized prompt + completion,
-which is what TRL's DPO preprocessing checks (``common_prefix_length``).
-
-The chat template renders user / system turns as their bare text and assistant turns as ``content + eos_token``,
-wrapped in ``{% generation %}`` so that ``return_assistant_tokens_mask`` works; ``add_generation_prompt`` adds
-nothing. A conversation ``[user "12+7=", assistant "19"]`` therefore renders exactly like the standard-format
-example ``prompt="12+7=", completion="19"``.
+"""A tiny byte-level tokenizer for the embedded default (one token per byte, four special tokens first), built offline
+with ``tokenizers`` so that it loads back identical through ``AutoTokenizer``. Why it is built this way:
+docs/embedded_default.md ("Tokenizer").
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """SFT warm start of the tiny model, cached on disk, so RL / DPO start from a policy that is partly right.
 
-A plain-torch loop (AdamW, linear warm-up then cosine decay, completion-only cross-entropy) trains the tiny model on
-the task's train split. Every ``eval_every`` steps it measures greedy accuracy on a fixed probe of ``probe_size``
-train prompts and stops as soon as that reaches ``target_accuracy``: the policy then answers some but not all
-questions right (room for RL / DPO to improve) and its next-token entropy is well above 0 (room for an entropy
-bonus to matter). ``max_steps`` bounds the run either way.
-
-Cache: ``<root>/warmstart/<arch>-<task>-<hash of the config>`` where ``<root>`` is the ``cache_dir`` argument, else
-``$LLM_ENTREG_CACHE``, else ``~/.cache/llm_entreg``. A run writes into a temporary sibling directory, writes the
-marker ``warmstart.json`` last, and renames the directory into place, so an interrupted run never leaves a directory
-that passes :func:`is_valid_warm_start`. A directory without a complete marker (or with a marker for another config)
-is discarded and retrained. A per-key file lock (POSIX) makes concurrent callers -- e.g. the ranks of one
-``accelerate launch`` -- train once and share the result.
+A plain-torch loop stops at a target greedy accuracy; the cache is written atomically under a per-key lock so that
+concurrent ranks train once. Details: docs/embedded_default.md ("Warm start and its cache").
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class EntropyRegularizationMixin:
         """Call at the end of ``__init__`` (after the parent's), inside nothing."""
         args = self.args
         self.entropy_bonus = args.build_entropy_bonus()
-        self.entropy_coefficient = args.build_entropy_coefficient(args.max_steps if args.max_steps > 0 else None)
+        self.entropy_coefficient = args.build_entropy_coefficient(args.max_steps)
         self._entropy_window_counts = None
         self._entropy_step_stats = torch.zeros(2, dtype=torch.float64)
         self.add_callback(_StepCallback(self))
@@ -161,7 +161,7 @@ class EntropyRegularizationMixin:
         """``(coef, aggregate kwargs, framework scale)`` of this micro-batch's entropy term."""
         coef = self.entropy_coefficient.value
         use_global = self.entropy_bonus.entropy_bonus_top_quantile == 1.0
-        agg_kwargs, scale = self._global_aggregation(mode, mask.device, self.entropy_bonus.agg_mode, use_global)
+        agg_kwargs, scale = self._global_aggregation(mode, mask.device, use_global)
         if self.entropy_bonus.agg_mode == "seq-mean-token-sum-norm":
             agg_kwargs["max_len"] = self._entropy_max_len(mask)
         return coef, agg_kwargs, scale
@@ -212,7 +212,7 @@ class EntropyRegularizationMixin:
         metrics["entropy_coef"].append(float(coef))
         metrics["entropy_bonus"].append(float(bonus))
 
-    def _global_aggregation(self, mode: str, device, agg_mode: str | None, use_global: bool = True):
+    def _global_aggregation(self, mode: str, device, use_global: bool = True):
         """``(aggregate kwargs, scale)`` that make a per-micro-batch term add up to the global aggregate.
 
         The framework later divides the loss by ``divisor`` and DDP averages over ranks. With global counts each
@@ -275,7 +275,7 @@ class EntropyRegularizationMixin:
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-            restored = self.args.build_entropy_coefficient(self.args.max_steps if self.args.max_steps > 0 else None)
+            restored = self.args.build_entropy_coefficient(self.args.max_steps)
             restored.load_state_dict(state["coefficient"])
         except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
             raise ValueError(f"{path}: corrupt or incompatible entropy-coefficient state ({exc})") from exc

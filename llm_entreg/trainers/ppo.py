@@ -1,18 +1,8 @@
-"""EntropyPPOTrainer: PPO-RLHF on TRL's machinery, a GRPOTrainer subclass with a critic.
+"""EntropyPPOTrainer: PPO-RLHF on TRL's machinery, a GRPOTrainer subclass with a critic (TRL 1.16 has no PPO trainer).
 
-TRL 1.16 has no PPOTrainer. Generation, reward functions / reward models, the reference model (or disabled
-adapters), PEFT and vLLM options all come from ``GRPOTrainer``; this subclass replaces the group-normalized
-sequence advantages with per-token GAE advantages from a value model, and adds the clipped value loss:
-
-- rollout (``_generate_and_score_completions``): TRL samples and scores; we take the sequence scores TRL computed,
-  run the policy (old log-probs, per-token entropy), the reference (TRL's ``ref_per_token_logps``) and the critic
-  once without gradients, build per-token rewards (score at the last real token, ``-kl_coef·KL_t`` on every token,
-  optional ``α·H_t``), then GAE(γ, λ), returns, and whitened advantages;
-- update (``_compute_loss``): TRL's clipped policy loss on the per-token advantages (``epsilon``/``epsilon_high``,
-  ``loss_type``), our entropy term, and ``vf_coef ×`` the clipped value loss; several epochs (``num_iterations``)
-  and mini-batches (``steps_per_generation``) over one rollout batch are TRL's own buffering.
-
-The math is in :mod:`llm_entreg.losses` and :mod:`llm_entreg.regularizers`; the critic in :mod:`.critic`.
+Generation, rewards, the reference model, PEFT and vLLM come from ``GRPOTrainer``; the rollout adds per-token rewards
+(score at the last token, the KL penalty, optionally ``α·H_t``), GAE and whitened advantages; the update adds our
+entropy term and the clipped value loss. The pipeline and every coefficient: docs/ppo_rlhf.md.
 """
 
 from __future__ import annotations
@@ -34,7 +24,8 @@ from .mixin import EntropyRegularizationMixin
 
 @dataclass
 class EntropyPPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
-    """``trl.GRPOConfig`` (generation, rewards, clipping, epochs) plus the critic, the KL penalty and our entropy fields.
+    """``trl.GRPOConfig`` (generation, rewards, clipping, epochs) plus the critic, the KL penalty and our entropy
+    fields.
 
     PPO-specific fields (literature defaults in brackets):
         vf_coef: weight of the value loss [0.1 in TRL's former PPOTrainer; 0.5 in classic PPO].
@@ -232,7 +223,7 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTr
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         n_completion = inputs["completion_ids"].shape[1]
         values = self.critic.values(prompt_completion, attention)[:, -n_completion - 1 : -1].float()
-        agg_kwargs, scale = self._global_aggregation(mode, values.device, "token-mean")
+        agg_kwargs, scale = self._global_aggregation(mode, values.device)
         old_values, returns = inputs["old_values"], inputs["returns"]
         v_loss, v_stats = value_loss(values, old_values, returns, mask, self.args.cliprange_value, **agg_kwargs)
         loss = loss + self.args.vf_coef * v_loss * scale

@@ -10,7 +10,7 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from distributed_helpers import CONFIGS
 
-from llm_entreg import cli
+from llm_entreg import cli, launch
 
 NAMES = ["single_gpu", "multi_gpu_ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2",
          "cpu_ddp_2proc", "cpu_zero2_2proc", "cpu_zero3_2proc"]
@@ -23,9 +23,9 @@ def test_the_documented_configs_exist():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_resolves_by_name_and_parses(name):
-    path = cli.resolve_accelerate_config(name)
+    path = launch.resolve_accelerate_config(name)
     assert path.resolve() == (CONFIGS / f"{name}.yaml").resolve()
-    assert cli.resolve_accelerate_config(f"{name}.yaml") == path
+    assert launch.resolve_accelerate_config(f"{name}.yaml") == path
     config = load_config_from_file(str(path))
     raw = yaml.safe_load(path.read_text())
     # Precision follows the recipe's bf16/fp16 (TrainingArguments), never the launcher
@@ -44,14 +44,14 @@ def test_config_resolves_by_name_and_parses(name):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(SystemExit, match="cpu_zero2_2proc"):
-        cli.resolve_accelerate_config("no_such_config")
+    with pytest.raises(launch.LaunchError, match="cpu_zero2_2proc"):
+        launch.resolve_accelerate_config("no_such_config")
 
 
 @pytest.mark.parametrize("name", CPU_TWO_PROCESS)
 def test_train_relaunches_through_accelerate(name, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     assert cli.main(["train", "recipes/dpo_entropy.yaml", "max_steps=2", "--accelerate-config", name,
                      "entropy_coef=0.1"]) == 0
     (cmd,) = calls

@@ -5,6 +5,16 @@ Triton reads ``TRITON_INTERPRET`` each time a function is decorated with ``@trit
 ``import triton`` of the process *and* while ``llm_entreg.ops.triton_*`` are imported. That switch lives in
 ``tests/conftest.py``, the first conftest pytest loads (test modules elsewhere, e.g. tests/distributed, import TRL's
 trainers, which import triton). It restores the environment afterwards, so subprocesses do not see the variable;
-with CUDA nothing is changed and the kernels are compiled. ``tests/ops/test_triton_backend.py`` checks which case
-it got, and reruns itself in a fresh process if triton was imported too early anyway.
+with CUDA nothing is changed and the kernels are compiled. The Triton test modules check which case they got, and
+rerun themselves in a fresh process if triton was imported too early anyway.
 """
+
+import pytest
+
+
+@pytest.fixture
+def triton_small_blocks(monkeypatch):
+    """Triton blocks much smaller than the test sizes (see ``triton_helpers.use_small_blocks``)."""
+    from .triton_helpers import use_small_blocks
+
+    use_small_blocks(monkeypatch)

@@ -13,6 +13,7 @@ from llm_entreg.regularizers import (
     global_mean_loss_scale,
     global_token_and_seq_counts,
     local_token_and_seq_counts,
+    token_weights,
 )
 
 NAN, INF = float("nan"), float("inf")
@@ -206,3 +207,38 @@ def test_counts_all_reduce_two_processes(tmp_path, run_ranks):
     # 3 + 2 + 1 + 2 = 8 tokens, 2 + 1 + 1 + 2 = 6 rows on every rank; scale = world size 2
     for r in range(WORLD):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [8.0, 6.0, 2.0]
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("counts", [{}, {"global_token_count": 23.0, "global_seq_count": 9.0}])
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_token_weights_reproduce_aggregate_for_every_mode(mode, counts, float_mask):
+    """aggregate(v) == (token_weights * v).sum(), for every mode, with and without global counts, for a bool mask and a
+    float weight mask, empty rows included; the weights are 0 off the mask and carry no gradient."""
+    gen = torch.Generator().manual_seed(7)
+    values = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=gen) < 0.6
+    mask[2] = False  # an empty row
+    mask = mask.double() * torch.rand(4, 6, generator=gen, dtype=torch.float64) if float_mask else mask
+    values = values.masked_fill(~(mask != 0), float("nan"))  # padding is never read
+    kwargs = dict(counts, max_len=6) if mode == "seq-mean-token-sum-norm" else dict(counts)
+    w = token_weights(mask, mode, dtype=torch.float64, **kwargs)
+    assert w.shape == mask.shape and not w.requires_grad and (w[mask == 0] == 0).all()
+    expected = aggregate(values, mask, mode, **kwargs)
+    got = torch.where(mask != 0, w * values, torch.zeros((), dtype=w.dtype)).sum()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-15)
+
+
+def test_token_weights_hand_values():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    torch.testing.assert_close(token_weights(mask, "token-mean"), torch.tensor([[1 / 3, 1 / 3, 0], [1 / 3, 0, 0]]))
+    torch.testing.assert_close(token_weights(mask, "seq-mean-token-mean"),
+                               torch.tensor([[0.25, 0.25, 0], [0.5, 0, 0]]))
+    torch.testing.assert_close(token_weights(mask, "seq-mean-token-sum", global_seq_count=4),
+                               torch.tensor([[0.25, 0.25, 0], [0.25, 0, 0]]))
+    torch.testing.assert_close(token_weights(mask, "seq-mean-token-sum-norm", max_len=5),
+                               torch.tensor([[0.1, 0.1, 0], [0.1, 0, 0]]))
+    with pytest.raises(ValueError, match="max_len"):
+        token_weights(mask, "seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="^mode: unknown aggregation mode"):
+        token_weights(mask, "token-sum")

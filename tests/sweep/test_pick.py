@@ -1,4 +1,4 @@
-"""Flags on hand-made curves, the pick rule (tolerance, NLL tie-break, seeds), the exp(H) fit, metric records."""
+"""Flags on hand-made curves, the pick rule (tolerance, NLL tie-break, seeds), the exp(H) fit, the metrics of a trial."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from llm_entreg.sweep.pick import (Thresholds, fit_exp_entropy, is_collapsed, is_never_committed, pick_best,
                                    trial_metrics, window_means)
-from llm_entreg.sweep.store import read_metrics
 
 
 def test_window_means_use_first_and_last_20_percent():
@@ -85,9 +84,3 @@ def test_trial_metrics_from_summary_and_fallback_to_logged_reward(tmp_path):
     assert m["reward_source"] == "last logged rewards/accuracies" and m["val_reward"] == pytest.approx(0.6)
     assert m["reward_before"] == pytest.approx(0.51) and m["val_nll"] is None
 
-
-def test_read_metrics_drops_records_replayed_after_a_resume(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [{"step": s, "entropy": s} for s in (1, 2, 3, 4)] + [{"step": s, "entropy": 10 * s} for s in (3, 4, 5)]
-    path.write_text("\n".join(__import__("json").dumps(r) for r in lines) + "\nnot json\n")
-    assert [(r["step"], r["entropy"]) for r in read_metrics(path)] == [(1, 1), (2, 2), (3, 30), (4, 40), (5, 50)]

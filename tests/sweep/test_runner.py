@@ -1,18 +1,22 @@
-"""The sequential runner with an injected fake trial function: resume skipping, checkpoint resume, failures,
-settings changes, the report files and plots; the sweep-spec YAML."""
+"""One trial and the sequential runner, with an injected fake trial function: resume skipping, checkpoint resume,
+failures, settings changes, fingerprints, trial functions by name, the progress line."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from llm_entreg.sweep.runner import run_sweep, trial_dir
-from llm_entreg.sweep.spec import SweepError, build_config, load_sweep_spec
+from llm_entreg.sweep import run_sweep as exported_run_sweep
+from llm_entreg.sweep import run_sweep
+from llm_entreg.sweep.runner import (base_row, fingerprint, last_checkpoint, resolve_trial_fn, run_trial, status_line,
+                                     trial_dir, trial_recipe)
+from llm_entreg.sweep.spec import SweepError
 from llm_entreg.sweep.store import read_results_csv, read_trial
 
-from .conftest import DPO, ROOT, CountingTrial
+from .conftest import CountingTrial
 
 
 def test_finished_trials_are_not_rerun(make_config):
@@ -60,59 +64,67 @@ def test_changed_settings_are_refused_in_the_same_directory(make_config):
         run_sweep(make_config(coefs="1e-3", overrides=("max_steps=12",)), trial_fn=CountingTrial())
 
 
-def test_report_files_and_plots(make_config):
-    config = make_config(coefs="0,1e-3,1e-2,1e-1,1", schedules="constant,linear", seeds="0,1", plots=True)
-    assert len(config.trials) == 18
-    result = run_sweep(config, trial_fn=CountingTrial())
-    out = Path(config.out_dir)
-    for name in ("reward_vs_beta", "entropy_curves", "reward_vs_entropy", "coef_trajectories"):
-        assert (out / f"{name}.png").stat().st_size > 10_000, name
-    best = json.loads((out / "best.json").read_text())
-    assert best["pick"]["entropy_coef"] == result.best["entropy_coef"] and "highest validation reward" in best["rule"]
-    assert best["fit_reward_vs_entropy"]["n"] == 18 and len(best["ranking"]) == 9
-    rows = read_results_csv(out / "results.csv")
-    assert len(rows) == 18 and {"collapsed", "never_committed", "val_nll", "error"} <= rows[0].keys()
-    # the fake's caricature: no bonus collapses, a huge constant bonus never commits
-    by_id = {r["id"]: r for r in rows}
-    assert by_id["coef=0_sched=constant_seed=0"]["collapsed"] == "true"
-    assert by_id["coef=1e0_sched=constant_seed=0"]["never_committed"] == "true"
-    assert (out / "trials" / "coef=1e-2_sched=linear_seed=1" / "metrics.jsonl").is_file()
-    assert json.loads((out / "sweep.json").read_text())["trials"][0] == "coef=0_sched=constant_seed=0"
-
-
-def test_sweep_spec_yaml(tmp_path):
-    shipped = load_sweep_spec(ROOT / "recipes" / "sweep_beta.yaml")
-    assert Path(shipped["base_recipe"]).resolve() == DPO.resolve()
-    config = build_config(str(ROOT / "recipes" / "sweep_beta.yaml"))
-    assert [t.entropy_coef for t in config.trials][:3] == [0.0, 0.0, 1e-3]
-    assert config.out_dir == str(Path("runs") / "sweep_beta")
-    spec = tmp_path / "my_sweep.yaml"
-    spec.write_text(f"base_recipe: {DPO}\nlog_range: 1e-4:1e-1\nschedules: [constant, exponential]\nseeds: [3]\n"
-                    "overrides: {max_steps: 7}\nthresholds: {collapse_fraction: 0.3}\n")
-    config = build_config(str(spec), ["learning_rate=1e-3"], points=4)
-    assert sorted({t.entropy_coef for t in config.trials}) == [1e-4, 1e-3, 1e-2, 1e-1]
-    assert {t.schedule for t in config.trials} == {"constant", "exponential"} and {t.seed for t in config.trials} == {3}
-    assert config.overrides == ["max_steps=7", "learning_rate=1e-3"] and config.thresholds.collapse_fraction == 0.3
-    assert config.out_dir == str(Path("runs") / "sweep_my_sweep")
-    config = build_config(str(spec), entropy_coef="0,1", seeds="0,1")  # flags win over the spec
-    assert [t.id for t in config.trials] == ["coef=0_sched=constant_seed=0", "coef=0_sched=constant_seed=1",
-                                             "coef=1e0_sched=constant_seed=0", "coef=1e0_sched=constant_seed=1",
-                                             "coef=1e0_sched=exponential_seed=0", "coef=1e0_sched=exponential_seed=1"]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(f"base_recipe: {DPO}\nentropy_coeff: [1]\n")
-    with pytest.raises(SweepError, match="unknown key"):
-        build_config(str(bad))
-    with pytest.raises(SweepError, match="entropy_coeff"):
-        build_config(str(DPO), ["entropy_coeff=1"])
-
-
 def test_last_checkpoint_matches_transformers(tmp_path):
     from transformers.trainer_utils import get_last_checkpoint
-
-    from llm_entreg.sweep.runner import last_checkpoint
 
     assert last_checkpoint(tmp_path) is None and last_checkpoint(tmp_path / "missing") is None
     for name in ("checkpoint-5", "checkpoint-40", "checkpoint-100", "checkpoint-x", "final"):
         (tmp_path / name).mkdir()
     (tmp_path / "checkpoint-500").write_text("a file, not a checkpoint")
     assert last_checkpoint(tmp_path) == get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+
+
+def test_run_trial_records_the_row_and_reuses_it(make_config):
+    config = make_config(coefs="1e-2")
+    trial = config.trials[0]
+    def loud_trial(recipe, resume_from_checkpoint=None, log=print):
+        os.write(1, b"written to file descriptor 1\n")  # as C code or a subprocess would
+        return CountingTrial()(recipe, resume_from_checkpoint, log)
+
+    row, reused = run_trial(config, trial, loud_trial)
+    assert reused is False and row["status"] == "complete" and row["error"] is None
+    assert row["id"] == "coef=1e-2_sched=constant_seed=0" and row["output_dir"] == "trials/" + row["id"]
+    assert row["steps"] == 10 and row["resumed_from"] is None and row["val_reward"] == pytest.approx(0.5, abs=0.1)
+    record = read_trial(trial_dir(config, trial))
+    assert record["status"] == "complete" and record["row"] == row and record["params"] == trial.params()
+    assert record["overrides"][-4:] == ["entropy_coef=0.01", "entropy_schedule=null", "entropy_controller=null",
+                                        "seed=0"]
+    assert (trial_dir(config, trial) / "trial.log").read_text() == "written to file descriptor 1\n"
+    fn = CountingTrial()
+    assert run_trial(config, trial, fn) == (row, True) and fn.calls == []
+
+
+def test_trial_recipe_and_fingerprint(make_config):
+    config = make_config(coefs="1e-3,1e-2")
+    recipe = trial_recipe(config, config.trials[1])
+    assert recipe["trainer"]["output_dir"] == str(Path(config.out_dir) / "trials" / config.trials[1].id)
+    assert recipe["trainer"]["entropy_coef"] == 0.01 and recipe["trainer"]["max_steps"] == 10
+    assert recipe["trainer"]["disable_tqdm"] is True and "launcher" not in recipe
+    fp = fingerprint(recipe, "m:f")
+    moved = {**recipe, "trainer": {**recipe["trainer"], "output_dir": "elsewhere"}}
+    assert fingerprint(moved, "m:f") == fp  # paths do not decide a result
+    assert fingerprint(recipe, "m:g") != fp  # the trial function does
+    assert fingerprint(trial_recipe(config, config.trials[0]), "m:f") != fp  # and so do the axis values
+    assert len(fp) == 16 and base_row(config.trials[1]) == {"id": config.trials[1].id, "entropy_coef": 0.01,
+                                                            "schedule": "constant", "seed": 0,
+                                                            "output_dir": f"trials/{config.trials[1].id}"}
+
+
+def test_trial_functions_by_name():
+    from llm_entreg.sweep.fake import fake_run
+
+    assert resolve_trial_fn("llm_entreg.sweep.fake:fake_run") is fake_run and resolve_trial_fn(print) is print
+    with pytest.raises(SweepError, match="MODULE:FUNCTION"):
+        resolve_trial_fn("llm_entreg.sweep.fake.fake_run")
+    with pytest.raises(SweepError, match="cannot import 'llm_entreg.sweep.fake:missing'"):
+        resolve_trial_fn("llm_entreg.sweep.fake:missing")
+
+
+def test_status_line():
+    row = {"id": "t", "status": "complete", "val_reward": 0.51234, "val_nll": 0.3, "entropy_first": 0.45,
+           "entropy_last": 0.1, "collapsed": True, "never_committed": False, "seconds": 12.4, "resumed_from": None}
+    assert status_line(row, done=2, total=5) == "[2/5] t: reward 0.5123 nll 0.3 H 0.45->0.1 [collapsed] (12 s)"
+    assert status_line({**row, "resumed_from": "checkpoint-4"}).endswith("(12 s, resumed from checkpoint-4)")
+    assert status_line(row, reused=True).endswith("[collapsed] (reused)")
+    assert status_line({"id": "t", "status": "failed", "error": "ValueError: x"}) == "t: FAILED ValueError: x"
+    assert exported_run_sweep is run_sweep

@@ -1,4 +1,4 @@
-"""PPOTrainer: rollout plumbing (score at the last token, KL in the reward, GAE), critic checks, empty completions,
+"""EntropyPPOTrainer: rollout plumbing (score at the last token, KL in the reward, GAE), critic checks, empty completions,
 entropy in the reward, checkpoints, and a short seeded run that raises reward while the bonus keeps entropy up."""
 
 from __future__ import annotations
@@ -14,18 +14,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoMod
 
 from llm_entreg.recipes import load_recipe
 from llm_entreg.regularizers import kl_penalty
-from llm_entreg.rl import gae, token_rewards
+from llm_entreg.losses import gae, token_rewards
 from llm_entreg.run import run
-from llm_entreg.tasks import build_default
-from llm_entreg.trainers import PPOConfig, PPOTrainer
-from llm_entreg.trainers.ppo import VALUE_STATE_FILE
+from llm_entreg.trainers import EntropyPPOConfig, EntropyPPOTrainer
+from llm_entreg.trainers.critic import VALUE_STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def default():
-    return build_default(seed=0)
 
 
 def _config(tmp_path, **kw):
@@ -35,12 +29,13 @@ def _config(tmp_path, **kw):
         bf16=False, seed=0, gradient_checkpointing=False, learning_rate=5e-5, whiten_advantages=False,
     )
     base.update(kw)
-    return PPOConfig(**base)
+    return EntropyPPOConfig(**base)
 
 
 def _trainer(default, tmp_path, value_model=None, **kw):
-    return PPOTrainer(model=default.load_model(), reward_funcs=default.reward_funcs, args=_config(tmp_path, **kw),
-                      train_dataset=default.prompts_train, processing_class=default.tokenizer, value_model=value_model)
+    return EntropyPPOTrainer(model=default.load_model(), reward_funcs=default.reward_funcs, args=_config(tmp_path, **kw),
+                             train_dataset=default.prompts_train, processing_class=default.tokenizer,
+                             value_model=value_model)
 
 
 def test_rollout_puts_score_at_last_token_kl_in_reward_and_gae(default, tmp_path):
@@ -165,23 +160,6 @@ def test_controller_moves_with_entropy_in_the_reward(default, tmp_path):
     assert coefs[0] == 0.0 and coefs[-1] == pytest.approx(0.04)
 
 
-def test_critic_is_prepared_per_distributed_type(default, tmp_path, monkeypatch):
-    """Under FSDP the critic is not handed to accelerate.prepare_model (FSDP2 refuses a model outside
-    accelerate.prepare()): it stays a plain module on the device, and its gradients are all-reduced by the trainer.
-    Elsewhere prepare_model wraps it. (FSDP itself cannot run on a CPU: only the branch is checked here.)"""
-    from accelerate.utils import DistributedType
-
-    trainer = _trainer(default, tmp_path)
-    critic = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.value_model))
-    prepared = []
-    monkeypatch.setattr(trainer.accelerator, "prepare_model", lambda m, *a, **k: prepared.append(m) or m)
-    assert trainer._prepare_value_model(critic) is critic and prepared == [critic]
-    monkeypatch.setattr(type(trainer.accelerator), "distributed_type", property(lambda self: DistributedType.FSDP))
-    prepared.clear()
-    out = trainer._prepare_value_model(critic)
-    assert out is critic and prepared == [] and next(out.parameters()).device == trainer.accelerator.device
-
-
 @pytest.mark.parametrize("kl_in, level", [("reward", "token"), ("loss", "token"), ("reward", "reward")])
 def test_fused_loss_matches_the_default_path(default, tmp_path, kl_in, level):
     """fused_loss=True: the policy loss, KL (in the loss or not) and entropy term with the gradient formed in the
@@ -199,11 +177,11 @@ def test_fused_loss_matches_the_default_path(default, tmp_path, kl_in, level):
         trainer._generation_window_counts(inputs, inputs["completion_mask"].bool())
         trainer._metrics["train"].clear()
         trainer.model.zero_grad()
-        trainer.value_model.zero_grad()
+        trainer.critic.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        vgrads = {n: p.grad.clone() for n, p in trainer.value_model.named_parameters() if p.grad is not None}
+        vgrads = {n: p.grad.clone() for n, p in trainer.critic.model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads, vgrads, {k: v[-1] for k, v in trainer._metrics["train"].items()}))
     (lp, gp, vp, mp), (lf, gf, vf, mf) = results
     torch.testing.assert_close(lf, lp, atol=1e-6, rtol=1e-5)
