@@ -4,7 +4,6 @@
 ``logprob_and_entropy`` works on materialized logits ``[..., V]``; ``linear_logprob_and_entropy`` is the fused LM
 head (``hidden [N, d]``, ``weight [V, d]``) that never holds the ``[N, V]`` logits whole; ``fused_linear_loss`` forms
 a per-token loss's gradient in the forward. Contracts, backends and tests: docs/kernels.md.
-
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import torch
 
 from ._common import (BACKENDS, EXTRA_OUTPUTS, TokenStats, check_extras, check_linear, check_logits, gathered_params,
                       resolve_backend, triton_available)
+from .chunked import chunked_linear_token_stats, chunked_token_stats
 from .fused_loss import FUSED_LOSS_BACKENDS, LossFn, fused_linear_loss
 from .reference import reference_linear_token_stats, reference_token_stats
 
@@ -49,18 +49,17 @@ def token_stats(
     lead = logits.shape[:-1]
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
-    if backend == "torch":
-        stats = reference_token_stats(
-            flat_logits, flat_targets, temperature=temperature, ignore_index=ignore_index, extras=extras
-        )
-    elif backend == "chunked":
-        from .chunked import chunked_token_stats
+    with torch.autocast(logits.device.type, enabled=False):  # the op owns its precision
+        if backend == "torch":
+            stats = reference_token_stats(
+                flat_logits, flat_targets, temperature=temperature, ignore_index=ignore_index, extras=extras
+            )
+        elif backend == "chunked":
+            stats = chunked_token_stats(flat_logits, flat_targets, float(temperature), ignore_index, extras)
+        else:
+            from .triton_logits import triton_token_stats
 
-        stats = chunked_token_stats(flat_logits, flat_targets, float(temperature), ignore_index, extras)
-    else:
-        from .triton_logits import triton_token_stats
-
-        stats = triton_token_stats(flat_logits, flat_targets, float(temperature), ignore_index, extras)
+            stats = triton_token_stats(flat_logits, flat_targets, float(temperature), ignore_index, extras)
     return TokenStats(*(None if t is None else t.reshape(lead) for t in stats))
 
 
@@ -92,19 +91,20 @@ def linear_token_stats(
     compute_dtype = check_linear(hidden, weight, bias, targets, temperature, ignore_index)
     extras = check_extras(extras)
     backend = resolve_backend(backend, hidden.device)
-    if backend == "torch":
-        return reference_linear_token_stats(
-            hidden.to(compute_dtype),
-            weight.to(compute_dtype),
-            targets,
-            bias=None if bias is None else bias.to(compute_dtype),
-            temperature=temperature,
-            ignore_index=ignore_index,
-            dtype=torch.float32,
-            extras=extras,
-        )
+    if backend == "torch":  # half-precision operands, fp32 logits and math (the op owns its precision)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return reference_linear_token_stats(
+                hidden.to(compute_dtype),
+                weight.to(compute_dtype),
+                targets,
+                bias=None if bias is None else bias.to(compute_dtype),
+                temperature=temperature,
+                ignore_index=ignore_index,
+                dtype=torch.float32,
+                extras=extras,
+            )
     if backend == "chunked":
-        from .chunked import chunked_linear_token_stats as impl
+        impl = chunked_linear_token_stats
     else:
         from .triton_linear import triton_linear_token_stats as impl
     return impl(hidden, weight, bias, targets, float(temperature), ignore_index, extras, compute_dtype)

@@ -83,6 +83,10 @@ def _check_targets(targets: torch.Tensor, n_vocab: int, device: torch.device, te
         raise ValueError(f"ignore_index: {ignore_index} is a valid token id for a vocabulary of {n_vocab}")
     if targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_vocab))
+        if torch.compiler.is_compiling():  # no branch on tensor data in a graph: an assertion op in it instead
+            torch._assert_async(~bad.any(), f"targets: a value is outside [0, {n_vocab}) and is not "
+                                            f"ignore_index={ignore_index}")
+            return
         if bool(bad.any()):
             value = int(targets[bad].flatten()[0])
             raise ValueError(

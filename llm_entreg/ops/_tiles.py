@@ -105,11 +105,10 @@ def grad_tile(
         dz = coef.mul_(p).neg_()
     else:
         dz = p.mul_(-g_lp.unsqueeze(1))
-    if g_lp is not None:
+    if g_lp is not None:  # + g_lp at each row's target column, where it falls in this tile (no data-dependent shapes)
         in_tile = (local_targets >= 0) & (local_targets < v)
-        rows = torch.nonzero(in_tile).squeeze(1)
-        if rows.numel():
-            dz.index_put_((rows, local_targets[rows]), g_lp[rows], accumulate=True)
+        picked = torch.where(in_tile, g_lp, torch.zeros((), dtype=g_lp.dtype, device=g_lp.device))
+        dz.scatter_add_(1, local_targets.clamp(0, v - 1).unsqueeze(1), picked.unsqueeze(1).to(dz.dtype))
     if inv_t != 1.0:
         dz.mul_(inv_t)
     return dz

@@ -2,12 +2,11 @@
 
 Only ``(lse, H)`` per token is saved; the backward recomputes each tile. Ignored positions are compacted away first;
 ``-inf`` guards are on only when the input can hold one. The online update and the backward: docs/kernels.md.
-
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -153,34 +152,94 @@ def _backward(
             consume(dz, r0, r1, v0, v1)
 
 
-def _scatter_stats(out: dict[str, torch.Tensor], rows: torch.Tensor, n: int, extras, n_vocab: int, inv_t: float):
-    """Place the compacted per-row results back at their positions (zeros at ignored ones)."""
-    def place(x):
-        full = x.new_zeros(n)
-        return full.index_copy(0, rows, x) if rows.numel() else full
+class _Rows(NamedTuple):
+    """The rows an op works on. Eager: the valid rows, compacted (``index``), so ignored rows cost nothing. Under
+    ``torch.compile``: every row (``index`` None; a data-dependent compaction would break the graph), the ignored
+    ones masked by ``valid``."""
 
-    stats = {"logprobs": place(out["logprobs"]), "entropy": place(out["entropy"])}
+    index: torch.Tensor | None
+    valid: torch.Tensor
+    count: int
+
+    @classmethod
+    def of(cls, targets: torch.Tensor, ignore_index: int) -> "_Rows":
+        valid = targets != ignore_index
+        if torch.compiler.is_compiling():
+            return cls(None, valid, targets.shape[0])
+        index = torch.nonzero(valid).squeeze(1)
+        return cls(index, valid, index.shape[0])
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The worked-on rows of a per-row tensor (ignored rows zeroed when not compacted)."""
+        if self.index is not None:
+            return x.index_select(0, self.index)
+        return torch.where(self.valid.reshape(-1, *([1] * (x.ndim - 1))), x, torch.zeros((), dtype=x.dtype,
+                                                                                           device=x.device))
+
+    def span(self, r0: int, r1: int):
+        """Positions of worked-on rows ``r0 .. r1`` in the full tensor (an index tensor, or a slice)."""
+        return slice(r0, r1) if self.index is None else self.index[r0:r1]
+
+    def place_rows(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Worked-on rows ``x [count, ...]`` back in a tensor shaped like ``like``, 0 at ignored rows."""
+        if self.index is None:
+            return x
+        full = torch.zeros(like.shape, dtype=x.dtype, device=x.device)
+        return full.index_copy_(0, self.index, x) if self.count else full
+
+    def place(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-row results back at their positions, 0 (False) at ignored ones."""
+        if self.index is None:
+            return torch.where(self.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        full = x.new_zeros(n)
+        return full.index_copy(0, self.index, x) if self.count else full
+
+
+def _may_hold_neg_inf(x: torch.Tensor | None) -> bool:
+    """Whether the ``-inf`` guards are needed; always on under ``torch.compile`` (they change no finite result)."""
+    if x is None:
+        return False
+    return True if torch.compiler.is_compiling() else bool(torch.isneginf(x).any())
+
+
+def _scatter_stats(out: dict[str, torch.Tensor], rows: _Rows, n: int, extras, n_vocab: int):
+    """Place the per-row results back at their positions (zeros at ignored ones)."""
+    stats = {"logprobs": rows.place(out["logprobs"], n), "entropy": rows.place(out["entropy"], n)}
     if "mean_logits" in extras:
-        stats["mean_logits"] = place(out["z_sum"] / n_vocab)
+        stats["mean_logits"] = rows.place(out["z_sum"] / n_vocab, n)
     if "is_top1" in extras:
-        stats["is_top1"] = place(out["is_top1"])
+        stats["is_top1"] = rows.place(out["is_top1"], n)
     if "log_sum_sq_probs" in extras:
-        stats["log_sum_sq_probs"] = place(out["log_sum_sq_probs"])
+        stats["log_sum_sq_probs"] = rows.place(out["log_sum_sq_probs"], n)
     return stats
+
+
+def _saved_rows(ctx, rows: _Rows) -> torch.Tensor:
+    ctx.compacted = rows.index is not None
+    return rows.index if rows.index is not None else rows.valid
+
+
+def _restored_rows(ctx, saved: torch.Tensor, n: int) -> _Rows:
+    if ctx.compacted:
+        return _Rows(saved, torch.ones((), dtype=torch.bool, device=saved.device), saved.shape[0])
+    return _Rows(None, saved, n)
+
+
+def _grads_of_rows(rows: _Rows, g_lp: torch.Tensor | None, g_h: torch.Tensor | None):
+    """The upstream gradients of the worked-on rows, in fp32 (0 at ignored rows when not compacted)."""
+    return (None if g_lp is None else rows.take(g_lp.float()), None if g_h is None else rows.take(g_h.float()))
 
 
 class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, extras, compute_dtype, tc, vc):
         ctx.set_materialize_grads(False)
-        n = hidden.shape[0]
-        n_vocab = weight.shape[0]
-        device = hidden.device
-        rows = torch.nonzero(targets != ignore_index).squeeze(1)
-        h = hidden.index_select(0, rows).to(compute_dtype)
-        tgt = targets.index_select(0, rows).long()
+        n, n_vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+        rows = _Rows.of(targets, ignore_index)
+        h = rows.take(hidden).to(compute_dtype)
+        tgt = rows.take(targets).long()
         inv_t = 1.0 / temperature
-        guard = bias is not None and bool(torch.isneginf(bias).any())
+        guard = _may_hold_neg_inf(bias)
         tc, vc = _chunks(device, tc, vc)
         w = weight.to(compute_dtype) if weight.dtype != compute_dtype else weight
         b = None if bias is None else bias.to(compute_dtype)
@@ -188,10 +247,10 @@ class _ChunkedLinear(torch.autograd.Function):
         def tile(r0, r1, v0, v1):
             return logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
 
-        with torch.no_grad():
-            out = _forward(len(rows), n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, device)
-            stats = _scatter_stats(out, rows, n, extras, n_vocab, inv_t)
-        ctx.save_for_backward(hidden, weight, bias, rows, tgt, out["lse"], out["entropy"])
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            out = _forward(rows.count, n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, device)
+            stats = _scatter_stats(out, rows, n, extras, n_vocab)
+        ctx.save_for_backward(hidden, weight, bias, _saved_rows(ctx, rows), tgt, out["lse"], out["entropy"])
         ctx.cfg = (inv_t, compute_dtype, guard, tc, vc)
         extra_out = [stats[k] for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in stats]
         ctx.mark_non_differentiable(*extra_out)
@@ -199,47 +258,21 @@ class _ChunkedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_h, *_unused):
-        hidden, weight, bias, rows, tgt, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, saved_rows, tgt, lse, entropy = ctx.saved_tensors
         inv_t, compute_dtype, guard, tc, vc = ctx.cfg
+        rows = _restored_rows(ctx, saved_rows, hidden.shape[0])
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or rows.numel() == 0:
-            none = (None,) * 7
+        if (g_lp is None and g_h is None) or not (need_h or need_w or need_b) or rows.count == 0:
             zeros = tuple(
                 torch.zeros_like(x) if (x is not None and need) else None
                 for x, need in ((hidden, need_h), (weight, need_w), (bias, need_b))
             )
-            return (*zeros, *none)
-        g_lp = None if g_lp is None else g_lp.float().index_select(0, rows)
-        g_h = None if g_h is None else g_h.float().index_select(0, rows)
-        with gathered_params(weight, bias):
-            n_vocab = weight.shape[0]
-            h = hidden.index_select(0, rows).to(compute_dtype)
-            w = weight.to(compute_dtype) if weight.dtype != compute_dtype else weight
-            b = None if bias is None else bias.to(compute_dtype)
-            f32 = dict(device=hidden.device, dtype=torch.float32)
-            gh = torch.zeros(h.shape, **f32) if need_h else None
-            gw = torch.zeros(weight.shape, **f32) if need_w else None
-            gb = torch.zeros(n_vocab, **f32) if (need_b and bias is not None) else None
-
-            def tile(r0, r1, v0, v1):
-                return logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
-
-            def consume(dz, r0, r1, v0, v1):
-                if gb is not None:
-                    gb[v0:v1] += dz.sum(0)
-                if compute_dtype != torch.float32:
-                    dz = dz.to(compute_dtype)
-                if gh is not None:
-                    addmm_f32(gh[r0:r1], dz, w[v0:v1])
-                if gw is not None:
-                    addmm_f32(gw[v0:v1], dz.t(), h[r0:r1])
-
-            with torch.no_grad():
-                _backward(len(rows), n_vocab, tile, consume, tgt, lse, entropy, g_lp, g_h, inv_t, guard, tc, vc)
-        grad_hidden = None
-        if gh is not None:
-            grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-            grad_hidden.index_copy_(0, rows, gh.to(hidden.dtype))
+            return (*zeros, *(None,) * 7)
+        g_lp, g_h = _grads_of_rows(rows, g_lp, g_h)
+        with gathered_params(weight, bias), torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            gh, gw, gb = _linear_backward(hidden, weight, bias, rows, tgt, lse, entropy, g_lp, g_h, ctx.cfg,
+                                          (need_h, need_w, need_b and bias is not None))
+        grad_hidden = None if gh is None else rows.place_rows(gh.to(hidden.dtype), hidden)
         return (
             grad_hidden,
             None if gw is None else gw.to(weight.dtype),
@@ -248,24 +281,51 @@ class _ChunkedLinear(torch.autograd.Function):
         )
 
 
+def _linear_backward(hidden, weight, bias, rows: _Rows, tgt, lse, entropy, g_lp, g_h, cfg, need):
+    """``(grad_hidden of the worked-on rows, grad_weight, grad_bias)`` in fp32 (None where not needed)."""
+    inv_t, compute_dtype, guard, tc, vc = cfg
+    need_h, need_w, need_b = need
+    n_vocab = weight.shape[0]
+    h = rows.take(hidden).to(compute_dtype)
+    w = weight.to(compute_dtype) if weight.dtype != compute_dtype else weight
+    b = None if bias is None else bias.to(compute_dtype)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    gh = torch.zeros(h.shape, **f32) if need_h else None
+    gw = torch.zeros(weight.shape, **f32) if need_w else None
+    gb = torch.zeros(n_vocab, **f32) if need_b else None
+
+    def tile(r0, r1, v0, v1):
+        return logits_tile(h[r0:r1], w[v0:v1], None if b is None else b[v0:v1])
+
+    def consume(dz, r0, r1, v0, v1):
+        if gb is not None:
+            gb[v0:v1] += dz.sum(0)
+        if compute_dtype != torch.float32:
+            dz = dz.to(compute_dtype)
+        if gh is not None:
+            addmm_f32(gh[r0:r1], dz, w[v0:v1])
+        if gw is not None:
+            addmm_f32(gw[v0:v1], dz.t(), h[r0:r1])
+
+    _backward(rows.count, n_vocab, tile, consume, tgt, lse, entropy, g_lp, g_h, inv_t, guard, tc, vc)
+    return gh, gw, gb
+
+
 class _ChunkedLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, extras, tc, vc):
         ctx.set_materialize_grads(False)
         n, n_vocab = logits.shape
-        rows = torch.nonzero(targets != ignore_index).squeeze(1)
-        tgt = targets.index_select(0, rows).long()
+        rows = _Rows.of(targets, ignore_index)
+        tgt = rows.take(targets).long()
         inv_t = 1.0 / temperature
-        guard = bool(torch.isneginf(logits).any())
+        guard = _may_hold_neg_inf(logits)
         tc, vc = _chunks(logits.device, tc, vc)
-
-        def tile(r0, r1, v0, v1):
-            return logits[rows[r0:r1], v0:v1]  # advanced indexing copies the tile
-
-        with torch.no_grad():
-            out = _forward(len(rows), n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, logits.device)
-            stats = _scatter_stats(out, rows, n, extras, n_vocab, inv_t)
-        ctx.save_for_backward(logits, rows, tgt, out["lse"], out["entropy"])
+        tile = _logits_rows(logits, rows)
+        with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+            out = _forward(rows.count, n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, logits.device)
+            stats = _scatter_stats(out, rows, n, extras, n_vocab)
+        ctx.save_for_backward(logits, _saved_rows(ctx, rows), tgt, out["lse"], out["entropy"])
         ctx.cfg = (inv_t, guard, tc, vc)
         extra_out = [stats[k] for k in ("mean_logits", "is_top1", "log_sum_sq_probs") if k in stats]
         ctx.mark_non_differentiable(*extra_out)
@@ -273,25 +333,35 @@ class _ChunkedLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_h, *_unused):
-        logits, rows, tgt, lse, entropy = ctx.saved_tensors
+        logits, saved_rows, tgt, lse, entropy = ctx.saved_tensors
         inv_t, guard, tc, vc = ctx.cfg
+        rows = _restored_rows(ctx, saved_rows, logits.shape[0])
         if g_lp is None and g_h is None:
             return (None,) * 7
+        if rows.count == 0:
+            return (torch.zeros_like(logits),) + (None,) * 6
+        g_lp, g_h = _grads_of_rows(rows, g_lp, g_h)
         grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        if rows.numel() == 0:
-            return (grad,) + (None,) * 6
-        g_lp = None if g_lp is None else g_lp.float().index_select(0, rows)
-        g_h = None if g_h is None else g_h.float().index_select(0, rows)
-
-        def tile(r0, r1, v0, v1):
-            return logits[rows[r0:r1], v0:v1]
 
         def consume(dz, r0, r1, v0, v1):
-            grad[rows[r0:r1], v0:v1] = dz.to(grad.dtype)
+            grad[rows.span(r0, r1), v0:v1] = dz.to(grad.dtype)
 
-        with torch.no_grad():
-            _backward(len(rows), logits.shape[1], tile, consume, tgt, lse, entropy, g_lp, g_h, inv_t, guard, tc, vc)
+        with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
+            _backward(rows.count, logits.shape[1], _logits_rows(logits, rows), consume, tgt, lse, entropy, g_lp,
+                      g_h, inv_t, guard, tc, vc)
         return (grad,) + (None,) * 6
+
+
+def _logits_rows(logits: torch.Tensor, rows: _Rows):
+    """A tile function over the worked-on rows of materialized logits; each tile is a fresh fp32 copy."""
+    if rows.index is not None:
+        return lambda r0, r1, v0, v1: logits[rows.index[r0:r1], v0:v1].float()  # advanced indexing copies
+
+    def tile(r0, r1, v0, v1):
+        z = logits[r0:r1, v0:v1].to(torch.float32, copy=True)
+        return torch.where(rows.valid[r0:r1, None], z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+    return tile
 
 
 def _pack(outputs, extras) -> TokenStats:

@@ -261,11 +261,12 @@ def fused_linear_loss(
 
     if backend == "torch":
         sdt = _stat_dtype(compute_dtype)
-        stats = reference_linear_token_stats(
-            hidden.to(compute_dtype), weight.to(compute_dtype), targets,
-            bias=None if bias is None else bias.to(compute_dtype),
-            temperature=temperature, ignore_index=ignore_index, dtype=sdt,
-        )  # fmt: skip
+        with torch.autocast(hidden.device.type, enabled=False):
+            stats = reference_linear_token_stats(
+                hidden.to(compute_dtype), weight.to(compute_dtype), targets,
+                bias=None if bias is None else bias.to(compute_dtype),
+                temperature=temperature, ignore_index=ignore_index, dtype=sdt,
+            )  # fmt: skip
         rows = torch.nonzero(targets != ignore_index).squeeze(1)
         loss = torch.zeros((), dtype=sdt, device=hidden.device)
         if rows.numel():

@@ -3,6 +3,7 @@ and backward, and their input checks (CPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -193,3 +194,141 @@ def test_logits_bad_input_names_the_argument():
         logprob_and_entropy(torch.randn(2, 7), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match=r"^extras\b"):
         token_stats(torch.randn(2, 7), torch.tensor([0, 1]), extras=("entropy_of_everything",))
+
+
+# ---------------------------------------------------------------- precision under autocast, and torch.compile
+
+def _runnable_backends():
+    names = ["torch", "chunked"]
+    from .triton_helpers import RUNNABLE  # imports triton only when the interpreter (or CUDA) runs the kernels
+
+    return names + (["triton"] if RUNNABLE else [])
+
+
+PRECISION_BACKENDS = _runnable_backends()
+AUTOCAST = [None, torch.bfloat16, torch.float16]
+INPUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _assert_matches_reference(stats, ref, leaves, ref_leaves, gen, what, compute=torch.float32):
+    """Forward (log-prob, entropy, the DPO extras) within fp32 tolerance of float64; backward within the precision
+    of the gradients' dtype (half-precision GEMM operands in the linear backward)."""
+    names = ("logprobs", "entropy", "log_sum_sq_probs") + (("mean_logits",) if torch.isfinite(ref.mean_logits).all()
+                                                          else ())  # the mean over -inf columns is -inf for both
+    for name in names:
+        got, exp = getattr(stats, name), getattr(ref, name).detach()
+        assert got.dtype == torch.float32, f"{what} {name}: {got.dtype}"
+        assert torch.isfinite(got).all(), f"{what} {name}: not finite"
+        torch.testing.assert_close(got.double(), exp, atol=3e-5, rtol=3e-5, msg=lambda m: f"{what} {name}: {m}")
+    assert torch.equal(stats.is_top1, ref.is_top1), what
+    g_lp = torch.randn(stats.logprobs.shape, generator=gen)
+    g_h = torch.randn(stats.logprobs.shape, generator=gen)
+    grads = grads_of(stats.logprobs, stats.entropy, leaves, g_lp, g_h)
+    ref_grads = grads_of(ref.logprobs, ref.entropy, ref_leaves, g_lp.double(), g_h.double())
+    for g, rg, x in zip(grads, ref_grads, leaves):
+        assert g.dtype == x.dtype and torch.isfinite(g).all(), what
+        scale = rg.abs().max().item() + 1e-12
+        atol = 2e-5 if x.dtype == compute == torch.float32 else 2e-2
+        torch.testing.assert_close(g.double() / scale, rg / scale, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
+@pytest.mark.parametrize("neg_inf", [False, True])
+def test_logits_op_is_exact_under_autocast(backend, dtype, autocast, neg_inf):
+    """The logits op computes in fp32 whatever the caller's autocast: the statistics match float64 of the given logits."""
+    gen = torch.Generator().manual_seed(11 + 3 * INPUT_DTYPES.index(dtype) + AUTOCAST.index(autocast))
+    logits = (torch.randn(13, 97, generator=gen) * 4).to(dtype)
+    if neg_inf:
+        logits[:, 5:30] = float("-inf")
+    targets = make_targets(gen, (13,), 97, low=30 if neg_inf else 0)
+    logits.requires_grad_(True)
+    with _autocast(autocast):
+        stats = token_stats(logits, targets, temperature=0.9, backend=backend, extras=EXTRAS)
+    ref_in = logits.detach().double().requires_grad_(True)
+    ref = reference_token_stats(ref_in, targets, temperature=0.9, dtype=torch.float64, extras=EXTRAS)
+    _assert_matches_reference(stats, ref, [logits], [ref_in], gen, f"{backend} {dtype} autocast={autocast}", dtype)
+
+
+@pytest.mark.parametrize("backend", PRECISION_BACKENDS)
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=str)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
+@pytest.mark.parametrize("neg_inf", [False, True])
+def test_linear_op_keeps_fp32_logits_under_autocast(backend, dtype, autocast, neg_inf):
+    """The head's GEMM takes operands in the compute dtype (autocast's, else the inputs') and accumulates fp32 logits:
+    the statistics match float64 of those operands, on every backend (none rounds the logits to bf16/fp16)."""
+    gen = torch.Generator().manual_seed(101 + 3 * INPUT_DTYPES.index(dtype) + AUTOCAST.index(autocast))
+    n, d, n_vocab = 11, 64, 97
+    hidden = torch.randn(n, d, generator=gen).to(dtype).requires_grad_(True)
+    weight = (torch.randn(n_vocab, d, generator=gen) * 0.5).to(dtype).requires_grad_(True)
+    bias = torch.zeros(n_vocab, dtype=dtype)
+    if neg_inf:
+        bias[5:30] = float("-inf")
+    targets = make_targets(gen, (n,), n_vocab, low=30 if neg_inf else 0)
+    with _autocast(autocast):
+        stats = linear_token_stats(hidden, weight, targets, bias=bias, backend=backend, extras=EXTRAS)
+    compute = autocast or dtype
+    ref_leaves = [x.detach().to(compute).double().requires_grad_(True) for x in (hidden, weight)]
+    ref = reference_linear_token_stats(ref_leaves[0], ref_leaves[1], targets, bias=bias.to(compute).double(),
+                                       dtype=torch.float64, extras=EXTRAS)
+    _assert_matches_reference(stats, ref, [hidden, weight], ref_leaves, gen, f"{backend} {dtype} autocast={autocast}",
+                              compute)
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+def test_compiled_fullgraph_ops_equal_eager_forward_and_backward(backend):
+    """``torch.compile(fullgraph=True)`` traces both ops (no branch on tensor data, no data-dependent shapes) and gives
+    the eager results, with ignored positions, ``-inf`` logits and a bias; bad targets still fail inside the graph."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(37, 301, generator=gen) * 3)
+    logits[:, :20] = float("-inf")
+    targets = make_targets(gen, (37,), 301, low=20)
+    hidden = torch.randn(37, 24, generator=gen)
+    weight = torch.randn(301, 24, generator=gen)
+    bias = torch.randn(301, generator=gen)
+    bias[:20] = float("-inf")
+
+    def logits_op(z, t):
+        return logprob_and_entropy(z, t, temperature=0.8, backend=backend)
+
+    def linear_op(h, w, b, t):
+        return linear_logprob_and_entropy(h, w, t, bias=b, temperature=0.8, backend=backend)
+
+    for op, inputs in ((logits_op, [logits]), (linear_op, [hidden, weight, bias])):
+        results = []
+        for fn in (op, torch.compile(op, fullgraph=True, backend="aot_eager")):
+            leaves = [x.clone().requires_grad_(True) for x in inputs]
+            lp, h = fn(*leaves, targets)
+            grads = torch.autograd.grad((lp * 1.3 + h * 0.7).sum(), leaves)
+            results.append((lp, h, *grads))
+        for i, (eager, compiled) in enumerate(zip(*results)):
+            # forward bitwise; gradients up to the order of fp32 sums (the compiled path sums over ignored rows' zeros)
+            tol = dict(atol=0, rtol=0) if i < 2 else dict(atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(compiled, eager, **tol)
+    compiled = torch.compile(logits_op, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="targets: a value is outside"):
+        compiled(logits, torch.full((37,), 301))
+
+
+@pytest.mark.slow
+def test_compiled_with_inductor_matches_eager():
+    """The default compiler (inductor, generated C++ on the CPU) on the chunked head: eager results within fp32."""
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(29, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(151, 16, generator=gen, requires_grad=True)
+    targets = make_targets(gen, (29,), 151)
+
+    def op(h, w, t):
+        return linear_logprob_and_entropy(h, w, t, backend="chunked")
+
+    out = []
+    for fn in (op, torch.compile(op, fullgraph=True)):
+        lp, h = fn(hidden, weight, targets)
+        out.append((lp, h, *torch.autograd.grad((lp - 0.5 * h).sum(), [hidden, weight])))
+    for eager, compiled in zip(*out):
+        torch.testing.assert_close(compiled, eager, atol=2e-5, rtol=2e-5)

@@ -202,3 +202,33 @@ def test_precomputed_reference_log_probs(setup, tmp_path):
     assert any(not torch.allclose(grads[n], grads0[n]) for n in grads)  # the bonus changed the gradient
     ours.train()
     assert all(math.isfinite(r["loss"]) for r in ours.state.log_history if "loss" in r)
+
+
+def test_bf16_autocast_head_outputs_are_fp32_exact(setup, tmp_path):
+    """TRL's configs default to bf16=True: on the CPU the trainer's accelerator then autocasts to bf16. Our head takes
+    bf16 operands but keeps fp32 logits, so its per-token outputs (entropy and WPO's log_sum_sq_probs included)
+    equal the float64 statistics of those operands within fp32 tolerance; one training step runs."""
+    from llm_entreg.ops.reference import reference_linear_token_stats
+
+    tok, data, model = setup
+    trainer = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model, tok, data, tmp_path, bf16=True, entropy_coef=0.1,
+                       use_weighting=True)
+    batch = _first_batch(trainer)
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1) if "prompt_ids" in batch else \
+        batch["input_ids"]
+    labels = input_ids.clone()
+    hidden = []
+    handle = trainer.model.base_model.register_forward_hook(lambda m, a, out: hidden.append(out.last_hidden_state))
+    with trainer.accelerator.autocast():
+        out = trainer.model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    handle.remove()
+    assert torch.is_autocast_enabled("cpu") is False and out.entropy.dtype == torch.float32
+    h = hidden[0][:, :-1].reshape(-1, hidden[0].shape[-1]).to(torch.bfloat16).double()
+    w = trainer.model.get_output_embeddings().weight.detach().to(torch.bfloat16).double()
+    ref = reference_linear_token_stats(h, w, labels[:, 1:].reshape(-1), dtype=torch.float64,
+                                       extras=("log_sum_sq_probs",))
+    for field, ref_field in (("log_probs", "logprobs"), ("entropy", "entropy"), ("log_sum_sq_probs", "log_sum_sq_probs")):
+        got = getattr(out, field).reshape(-1).detach().double()
+        torch.testing.assert_close(got, getattr(ref, ref_field), atol=3e-5, rtol=3e-5, msg=field)
+    trainer.train()
+    assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
