@@ -1,4 +1,5 @@
-"""Small helpers shared by the run, the sweep and the embedded tasks (no math, no trainer)."""
+"""Small helpers shared by the run, the sweep and the embedded tasks (no trainer): torch threads, package versions,
+the unbiased pass@k estimator."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def package_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "unknown"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples with ``c`` correct (Chen et al. 2021): ``1 - C(n - c, k) / C(n, k)``, the
+    probability that at least one of ``k`` samples drawn without replacement from the ``n`` is correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prob_all_wrong = 1.0
+    for i in range(k):  # C(n - c, k) / C(n, k) as a product: exact without big binomials
+        prob_all_wrong *= (n - c - i) / (n - i)
+    return 1.0 - prob_all_wrong

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .grid import Grid, GridError, TrialSpec, build_trials, format_coef, log_range, parse_float_list, trial_id
-from .pick import RULE, Thresholds, fit_exp_entropy, is_collapsed, is_never_committed, pick_best, trial_metrics
+from .pick import (RULE, Thresholds, is_collapsed, is_never_committed, pick_best, score_configs, seed_centred_correlation,
+                   trial_metrics)
 from .report import SweepResult, collect, write_report
 from .runner import check_trial_dirs, last_checkpoint, run_sequential, run_trial, trial_dir
 from .spec import SweepConfig, SweepError, build_config, load_sweep_spec
@@ -25,8 +26,9 @@ from .workers import open_study, run_parallel
 
 __all__ = [
     "RULE", "Grid", "GridError", "SweepConfig", "SweepError", "SweepResult", "Thresholds", "TrialSpec",
-    "build_config", "build_trials", "fit_exp_entropy", "format_coef", "is_collapsed", "is_never_committed",
+    "build_config", "build_trials", "format_coef", "is_collapsed", "is_never_committed",
     "last_checkpoint", "load_sweep_spec", "log_range", "open_study", "parse_float_list", "pick_best", "run_sweep",
+    "score_configs", "seed_centred_correlation",
     "run_trial", "trial_dir", "trial_id", "trial_metrics",
 ]
 

@@ -12,6 +12,8 @@ import random
 import time
 from pathlib import Path
 
+from ..checkpoints import write_marker
+
 
 def _coef_at(trainer: dict, step: int, total: int) -> float:
     start, end = float(trainer.get("entropy_coef", 0.0) or 0.0), float(trainer.get("entropy_coef_end", 0.0) or 0.0)
@@ -28,6 +30,29 @@ def _coef_at(trainer: dict, step: int, total: int) -> float:
     return start
 
 
+#: Held-out prompts and samples per prompt of the fake evaluation.
+FAKE_PROMPTS, FAKE_SAMPLES = 64, 16
+
+
+def _held_out(seed: int, gain: float, strength: float, entropy: float, trial: bool, rng=None) -> dict:
+    """A caricature of the held-out evaluation with per-prompt values: prompts of a seed share their difficulty
+    across trials (pairing), a seed shifts every trial of it alike, and each trial draws its own outcomes."""
+    prompts = random.Random(f"fake-prompts:{seed}")
+    shift = 0.06 * prompts.gauss(0, 1)
+    noise = float(os.environ.get("LLM_ENTREG_FAKE_NOISE", "1.0") or 0.0)
+    draw = rng if trial else random.Random(f"fake-before:{seed}")
+    reward, correct, nll = [], [], []
+    for _ in range(FAKE_PROMPTS):
+        p = min(max(0.44 + gain + shift + 0.3 * (prompts.random() - 0.5), 0.0), 1.0)
+        reward.append(float(draw.random() < p) if noise else p)
+        correct.append(sum(draw.random() < p for _ in range(FAKE_SAMPLES)))
+        nll.append(0.42 - 0.05 * strength + 0.02 * (1 - strength) + 0.05 * noise * draw.gauss(0, 1))
+    mean = sum(reward) / len(reward)
+    return {"num_prompts": FAKE_PROMPTS, "reward": round(mean, 4), "accuracy": mean, "sampled_accuracy": sum(correct) / (FAKE_PROMPTS * FAKE_SAMPLES),
+            "nll": sum(nll) / len(nll), "entropy": entropy, "num_samples": FAKE_SAMPLES,
+            "per_prompt": {"reward": reward, "correct": correct, "nll": nll}}
+
+
 def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
     """Write ``metrics.jsonl`` and ``summary.json`` into ``trainer.output_dir`` like ``run`` does.
 
@@ -36,7 +61,10 @@ def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
     ``resume_from_checkpoint`` continues the log after the checkpoint's step. A negative ``entropy_coef`` raises
     ``ValueError`` (as the real config does without ``allow_entropy_minimization``). ``LLM_ENTREG_FAKE_SLEEP``
     (seconds per trial) slows it down; ``LLM_ENTREG_FAKE_CRASH_ONCE=β[,β...]`` kills the process (``os._exit``)
-    halfway through those trials the first time, after writing a ``checkpoint-<step>`` directory.
+    halfway through those trials the first time, after writing a complete ``checkpoint-<step>`` directory;
+    ``LLM_ENTREG_FAKE_FAIL=β[,β...]`` makes those trials raise.
+    ``LLM_ENTREG_FAKE_GAIN`` (default 0.12) is the held-out reward gain at the best β (negative: β hurts) and
+    ``LLM_ENTREG_FAKE_NOISE`` (default 1; 0: no sampling noise) scales the per-prompt noise.
     """
     trainer = recipe["trainer"]
     out = Path(trainer["output_dir"])
@@ -44,6 +72,8 @@ def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
     coef = float(trainer.get("entropy_coef", 0.0) or 0.0)
     if coef < 0 and not trainer.get("allow_entropy_minimization"):
         raise ValueError(f"entropy_coef: must be >= 0 unless allow_entropy_minimization=True, got {coef}")
+    if coef in {float(c) for c in os.environ.get("LLM_ENTREG_FAKE_FAIL", "").split(",") if c.strip()}:
+        raise RuntimeError(f"injected failure of the trial at entropy_coef={coef} (LLM_ENTREG_FAKE_FAIL)")
     total = int(trainer.get("max_steps", 20) or 20)
     every = int(trainer.get("logging_steps", 1) or 1)
     rng = random.Random(int(recipe.get("seed", 0)) * 7919 + round(coef * 1e6))
@@ -62,6 +92,7 @@ def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
         for step in range(first, total + 1):
             if step == crash_at:
                 (out / f"checkpoint-{step - 1}").mkdir(exist_ok=True)
+                write_marker(out / f"checkpoint-{step - 1}", step - 1)  # a complete checkpoint, then the crash
                 (out / ".crashed").touch()
                 f.flush()
                 os._exit(3)
@@ -73,10 +104,11 @@ def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
                                     "entropy_coef": beta_t, "rewards/accuracies": 0.5 + 0.2 * step / total}) + "\n")
             if sleep:
                 time.sleep(sleep / total)
-    gain = 0.12 * strength * (1 - strength) * 4  # peaks at a middle β
-    before = {"reward": 0.44, "accuracy": 0.44, "nll": 0.42, "entropy": h0}
-    after = {"reward": round(0.44 + gain + 0.002 * rng.gauss(0, 1), 4), "accuracy": 0.44 + gain,
-             "nll": 0.42 - 0.05 * strength + 0.02 * (1 - strength), "entropy": h}
+    peak = float(os.environ.get("LLM_ENTREG_FAKE_GAIN", "0.12") or 0.0)
+    gain = peak * strength * (1 - strength) * 4  # peaks at a middle β
+    seed = int(recipe.get("seed", 0))
+    before = _held_out(seed, 0.0, 0.0, h0, trial=False)
+    after = _held_out(seed, gain, strength, h, trial=True, rng=rng)
     summary = {"recipe": recipe.get("source"), "algorithm": recipe.get("algorithm"), "steps": total,
                "train_seconds": sleep, "entropy_coef": coef, "train": {}, "held_out_before": before,
                "held_out_after": after, "output_dir": str(out)}

@@ -1,6 +1,8 @@
 """A sweep's report: every grid point's row and curves (from its directory, else from the shared storage),
-``results.csv`` / ``results.md`` / ``best.json``, and the plots (matplotlib Agg, no display): reward/NLL vs β,
-entropy curves, reward vs entropy with the ``R = -a exp(H) + b`` fit, coefficient trajectories. See docs/sweep.md.
+``results.csv`` / ``results.md`` / ``best.json`` with each configuration's interval and its paired difference from
+β = 0, and the plots (matplotlib Agg, no display): the metric and pass@k vs β with 95% intervals, entropy curves as
+mean and range over seeds, metric vs entropy within seeds (a correlation), coefficient trajectories. See
+docs/sweep.md.
 
 ``rows`` are results rows (see :mod:`.store`); ``curves`` maps a trial id to its logged records (``metrics.jsonl``).
 Every plot function returns the path it wrote, or ``None`` when there was nothing to draw.
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .grid import format_coef
-from .pick import ENTROPY_KEYS, Thresholds, first_key, fit_exp_entropy, pick_best, series
+from .pick import ENTROPY_KEYS, Thresholds, first_key, pick_best, score_configs, seed_centred_correlation, series
 from .runner import base_row, trial_dir
 from .spec import SweepConfig
 from .store import METRICS_FILE, is_finished, read_metrics, read_trial, write_json, write_results_csv, write_results_md
@@ -27,7 +29,7 @@ class SweepResult:
     rows: list[dict]
     best: dict | None
     paths: dict[str, Path] = field(default_factory=dict)
-    fit: dict | None = None
+    correlation: dict | None = None
 
     @property
     def n_failed(self) -> int:
@@ -65,60 +67,101 @@ def collect(config: SweepConfig, study=None) -> tuple[list[dict], dict[str, list
     return rows, curves
 
 
-def report_notes(thr: Thresholds, fit: dict | None) -> list[str]:
-    """The flag definitions (and the fit) under the results table."""
+def report_notes(thr: Thresholds, correlation: dict | None, metric: str) -> list[str]:
+    """The flag definitions (and the correlation) under the results tables."""
     notes = [
         (f"collapsed: mean training entropy over the last {thr.window:.0%} of logged steps < "
-         f"{thr.collapse_fraction:g} x the mean over the first {thr.window:.0%}."),
-        (f"never committed: last-window mean entropy within ±{thr.commit_band:.0%} of the first-window mean AND "
-         f"validation reward gained < {thr.commit_min_gain:g} over reward before."),
-        "val reward: held_out_after['reward'] (or the last logged reward-like metric; see reward_source in results.csv).",
+         f"{thr.collapse_fraction:g} x the mean over the first {thr.window:.0%}; held-out: the sampled completions' "
+         f"entropy after training < {thr.collapse_fraction:g} x before."),
+        (f"never committed: the entropy did not fall (last window >= first window - {thr.commit_band:.0%}; a rise, "
+         f"up to a run-away to the uniform distribution, counts) AND the reward gained < {thr.commit_min_gain:g}; "
+         "held-out: the same on the held-out entropy and pass@1 (the greedy reward where not sampled)."),
+        ("intervals: 95%, bootstrap over seeds and, within each seed, held-out prompts (2000 resamples); "
+         "'vs β = 0' is the paired difference on the same seeds and prompts. docs/sweep.md ('Signal or noise')."),
+        f"pick metric: {metric} (val reward = held_out_after['reward'], greedy decoding, or the last logged "
+        "reward-like metric where the recipe has no held-out evaluation).",
     ]
-    if fit is not None:
-        notes.append(f"reward vs entropy fit: R = -{fit['a']:.4g}·exp(H) + {fit['b']:.4g} (R² = {fit['r2']:.3f}, "
-                     f"n = {fit['n']}).")
+    if correlation is not None:
+        notes.append(f"metric vs held-out entropy within seeds (seed-centred): Pearson r = {correlation['r']:.3f}, "
+                     f"slope {correlation['slope']:.3g} per nat (n = {correlation['n']} trials, "
+                     f"{correlation['n_seeds']} seeds); a correlation, not a fit of cause.")
     return notes
 
 
-def best_document(config: SweepConfig, rows: list[dict], best: dict | None, fit: dict | None) -> dict:
-    """The content of ``best.json``: the pick, the rule, the ranking, thresholds, fit and trial counts."""
-    doc = {
-        "pick": None if best is None else {k: v for k, v in best.items() if k not in ("rule", "ranking", "tied_with")},
+def best_document(config: SweepConfig, rows: list[dict], best: dict | None, correlation: dict | None) -> dict:
+    """The content of ``best.json``: the pick with its interval, the β = 0 baseline, the paired difference and
+    whether it is beyond noise, the rule, the ranking, thresholds, the correlation and trial counts."""
+    pick = None
+    if best is not None:
+        pick = {k: best[k] for k in ("entropy_coef", "schedule", "mean", "ci95", "seeds", "trial_ids", "val_nll",
+                                     "collapsed", "never_committed")}
+        pick["label"] = f"β={format_coef(best['entropy_coef'])} schedule={best['schedule']}"
+    return {
+        "metric": config.pick_metric,
+        "pick": pick,
+        "baseline": best["baseline"] if best else None,
+        "paired_diff": best["paired_diff"] if best else None,
+        "significant": best["significant"] if best else False,
+        "reason": best["reason"] if best else "no trial finished with the pick metric",
         "rule": best["rule"] if best else None,
-        "reason": best["reason"] if best else "no trial finished with a validation reward",
         "tied_with": best["tied_with"] if best else [],
         "ranking": best["ranking"] if best else [],
         "thresholds": config.thresholds.as_dict(),
-        "fit_reward_vs_entropy": fit,
+        "correlation_metric_vs_entropy": correlation,
         "trials": {"total": len(rows), "complete": sum(r.get("status") == "complete" for r in rows),
                    "failed": sum(r.get("status") == "failed" for r in rows)},
         "base_recipe": config.base_recipe,
         "overrides": config.overrides,
     }
-    if best is not None:
-        doc["pick"]["label"] = f"β={format_coef(best['entropy_coef'])} schedule={best['schedule']}"
-    return doc
+
+
+def entropy_points(rows: list[dict], metric: str) -> list[tuple[int, float, float]]:
+    """``(seed, final entropy, metric)`` of every complete trial that has both."""
+    from .pick import per_prompt_values
+
+    points = []
+    for row in rows:
+        h, _ = entropy_for_scatter(row)
+        values = per_prompt_values(row, metric) if _ok(row) else None
+        if h is not None and values:
+            points.append((int(row["seed"]), h, sum(values) / len(values)))
+    return points
 
 
 def write_report(config: SweepConfig, rows: list[dict], curves: dict[str, list[dict]]) -> SweepResult:
-    """results.csv, results.md, best.json and (``config.plots``) the four plots into the sweep directory."""
+    """results.csv, results.md, best.json and (``config.plots``) the plots into the sweep directory."""
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    best = pick_best(rows, config.tie_tolerance)
+    best = pick_best(rows, config.tie_tolerance, config.pick_metric)
+    scored, _ = score_configs(rows, config.pick_metric)
+    correlation = seed_centred_correlation(entropy_points(rows, config.pick_metric))
     title = f"β sweep: {Path(config.source or config.base_recipe).name}"
     paths: dict[str, Path] = {}
     if config.plots:
-        written, fit = draw_plots(rows, curves, out, best, title)
-        paths.update(written)
-    else:
-        pairs = [(entropy_for_scatter(r)[0], r.get("val_reward")) for r in rows if r.get("status") == "complete"]
-        fit = fit_exp_entropy([h for h, _ in pairs], [reward for _, reward in pairs])
-    notes = report_notes(config.thresholds, fit)
+        paths.update(draw_plots(rows, curves, out, best, title, config.pick_metric, correlation))
+    notes = report_notes(config.thresholds, correlation, config.pick_metric)
     paths["results.csv"] = write_results_csv(rows, out / "results.csv")
-    paths["results.md"] = write_results_md(rows, best, out / "results.md", title=title, notes=notes)
-    write_json(out / "best.json", best_document(config, rows, best, fit))
+    paths["results.md"] = write_results_md(rows, best, out / "results.md", title=title, notes=notes,
+                                           configs=config_table(rows, scored))
+    write_json(out / "best.json", best_document(config, rows, best, correlation))
     paths["best.json"] = out / "best.json"
-    return SweepResult(rows, best, paths, fit)
+    return SweepResult(rows, best, paths, correlation)
+
+
+def config_table(rows: list[dict], scored: list[dict]) -> list[dict]:
+    """One entry per configuration: the scored metric with its intervals, and held-out means over its seeds."""
+    table = []
+    for c in sorted(scored, key=lambda c: (c["entropy_coef"], c["schedule"])):
+        members = [r for r in rows if r.get("id") in c["trial_ids"]]
+        entry = dict(c)
+        for key in ("val_entropy", "val_pass@1", "val_pass@16", "val_distinct_correct"):
+            values = [_num(r.get(key)) for r in members]
+            values = [v for v in values if v is not None]
+            entry[key] = sum(values) / len(values) if values else None
+        for flag in ("collapsed", "never_committed", "collapsed_held_out", "never_committed_held_out"):
+            entry[f"n_{flag}"] = sum(bool(r.get(flag)) for r in members)
+        table.append(entry)
+    return table
 
 
 # --------------------------------------------------------------------------------------------------------- plots
@@ -175,114 +218,129 @@ def _colors(coefs):
     return out
 
 
-def plot_reward_vs_beta(rows: list[dict], path, best: dict | None = None, title: str = "") -> Path | None:
-    """Validation reward (and NLL when logged) vs β on a log axis, β = 0 at a separate, labelled tick."""
-    done = [r for r in rows if _ok(r) and _num(r.get("val_reward")) is not None]
-    if not done:
+def _log_beta_axis(ax, coefs) -> callable:
+    """A log β axis with β = 0 at a separate, labelled tick; returns the β -> x position map."""
+    x0, brk = zero_position(coefs)
+    ax.set_xscale("log")
+    positive = [c for c in coefs if c > 0]
+    if brk is not None:
+        ax.axvline(brk, color="gray", linestyle=":", linewidth=1)
+        ticks = [x0] + [10.0 ** e for e in range(math.floor(math.log10(min(positive))),
+                                                 math.ceil(math.log10(max(positive))) + 1)]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["β = 0"] + [f"1e{round(math.log10(t))}" for t in ticks[1:]])
+        ax.minorticks_off()
+        ax.set_xlim(x0 / 10 ** 0.3, max(positive) * 10 ** 0.3)
+    else:
+        ax.set_xticks([x0])
+        ax.set_xticklabels(["β = 0"])
+    ax.set_xlabel("entropy coefficient β (log scale; β = 0 left of the dotted break)")
+    return lambda c: x0 if c == 0 else c
+
+
+def _metric_panel(ax, scored: list[dict], label: str, best: dict | None) -> None:
+    """Mean and 95% interval per configuration vs β, one line per schedule; β = 0's interval as a band."""
+    coefs = sorted({c["entropy_coef"] for c in scored})
+    xpos = _log_beta_axis(ax, coefs)
+    base = next((c for c in scored if c["entropy_coef"] == 0), None)
+    if base is not None:
+        ax.axhspan(base["ci95"][0], base["ci95"][1], color="black", alpha=0.08, label="β = 0: 95% interval")
+    schedules = sorted({c["schedule"] for c in scored if c["entropy_coef"] > 0})
+    for si, sched in enumerate(schedules):
+        points = sorted([c for c in scored if c["schedule"] == sched or c["entropy_coef"] == 0],
+                        key=lambda c: c["entropy_coef"])
+        xs = [xpos(c["entropy_coef"]) for c in points]
+        means = [c["mean"] for c in points]
+        err = [[c["mean"] - c["ci95"][0] for c in points], [c["ci95"][1] - c["mean"] for c in points]]
+        ax.errorbar(xs, means, yerr=err, marker=MARKERS[si % len(MARKERS)], linestyle=LINESTYLES[si % len(LINESTYLES)],
+                    capsize=3, label=f"{sched}: mean over seeds, 95% interval")
+        for c, x in zip(points, xs):
+            if c.get("significant"):
+                ax.annotate("*", (x, c["ci95"][1]), ha="center", va="bottom", fontsize=12, color="red")
+    if best is not None and best.get("metric") and label.startswith(best["metric"]):
+        ax.scatter([xpos(best["entropy_coef"])], [best["mean"]], marker="*", s=260, color="red", zorder=5,
+                   label=f"pick: β={format_coef(best['entropy_coef'])} {best['schedule']}")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} vs β (* beyond noise vs β = 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_metric_vs_beta(rows: list[dict], path, best: dict | None = None, title: str = "",
+                        metric: str = "reward") -> Path | None:
+    """The pick metric, and pass@1 / pass@16 where the held-out evaluation sampled, vs β with 95% intervals."""
+    panels = [(metric, f"{metric} (held-out)")]
+    for extra in ("pass@1", "pass@16"):
+        if extra != metric and any(_num(r.get(f"val_{extra}")) is not None for r in rows if _ok(r)):
+            panels.append((extra, f"{extra} (held-out)"))
+    scored = [(score_configs(rows, m)[0], label) for m, label in panels]
+    scored = [(s, label) for s, label in scored if s]
+    if not scored:
         return None
     plt = _plt()
-    has_nll = any(_num(r.get("val_nll")) is not None for r in done)
-    panels = [("val_reward", "validation reward")] + ([("val_nll", "validation NLL (nats/token)")] if has_nll else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    coefs = sorted({float(r["entropy_coef"]) for r in done})
-    x0, brk = zero_position(coefs)
-
-    def xpos(c):
-        return x0 if c == 0 else c
-
-    schedules = sorted({r["schedule"] for r in done})
-    for ax, (key, label) in zip(axes[0], panels):
-        for si, sched in enumerate(schedules):
-            by_coef = defaultdict(list)
-            for r in done:
-                if r["schedule"] == sched and _num(r.get(key)) is not None:
-                    by_coef[float(r["entropy_coef"])].append(float(r[key]))
-            if not by_coef:
-                continue
-            xs = sorted(by_coef)
-            means = [sum(by_coef[c]) / len(by_coef[c]) for c in xs]
-            marker = MARKERS[si % len(MARKERS)]
-            line, = ax.plot([xpos(c) for c in xs], means, marker=marker, linestyle=LINESTYLES[si % len(LINESTYLES)],
-                            label=f"{sched} (mean over seeds)" if any(len(v) > 1 for v in by_coef.values()) else sched)
-            for c in xs:
-                if len(by_coef[c]) > 1:
-                    ax.scatter([xpos(c)] * len(by_coef[c]), by_coef[c], color=line.get_color(), alpha=0.35, s=14,
-                               marker=marker)
-        if best is not None and key in ("val_reward", "val_nll") and _num(best.get(key)) is not None:
-            ax.scatter([xpos(best["entropy_coef"])], [best[key]], marker="*", s=260, color="red", zorder=5,
-                       label=f"pick: β={format_coef(best['entropy_coef'])} {best['schedule']}")
-        ax.set_xscale("log")
-        if brk is not None:
-            ax.axvline(brk, color="gray", linestyle=":", linewidth=1)
-            ticks = [x0] + [10.0 ** e for e in range(math.floor(math.log10(min(c for c in coefs if c > 0))),
-                                                     math.ceil(math.log10(max(coefs))) + 1)]
-            ax.set_xticks(ticks)
-            ax.set_xticklabels(["β = 0"] + [f"1e{round(math.log10(t))}" for t in ticks[1:]])
-            ax.minorticks_off()
-            ax.set_xlim(x0 / 10 ** 0.3, max(coefs) * 10 ** 0.3)
-        else:
-            ax.set_xticks([x0])
-            ax.set_xticklabels(["β = 0"])
-        ax.set_xlabel("entropy coefficient β (log scale; β = 0 left of the dotted break)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs β")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(scored), figsize=(6 * len(scored), 4.5), squeeze=False)
+    for ax, (configs, label) in zip(axes[0], scored):
+        _metric_panel(ax, configs, label, best)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
 
 
-def _trial_label(row, multi_sched: bool, multi_seed: bool) -> str:
-    label = f"β={format_coef(float(row['entropy_coef']))}"
-    if multi_sched:
-        label += f" {row['schedule']}"
-    if multi_seed:
-        label += f" s{row['seed']}"
-    return label
-
-
-def _curve_plot(rows, curves, path, keys, ylabel, title, symlog=False) -> Path | None:
-    plt = _plt()
-    drawn = []
+def _config_bands(rows, curves, keys) -> dict[tuple, tuple[list[int], list[float], list[float], list[float]]]:
+    """Per configuration: steps, and the mean, min and max over its seeds of the first logged key (steps that every
+    seed logged)."""
+    groups: dict[tuple, list[dict[int, float]]] = defaultdict(list)
     for row in rows:
         history = curves.get(row["id"]) or []
         key = first_key(history, keys)
         if key:
-            drawn.append((row, series(history, key)))
-    if not drawn:
+            steps, values = series(history, key)
+            groups[(float(row["entropy_coef"]), row["schedule"])].append(dict(zip(steps, values)))
+    bands = {}
+    for config, runs in groups.items():
+        steps = sorted(set.intersection(*(set(r) for r in runs)))
+        if steps:
+            values = [[r[s] for r in runs] for s in steps]
+            bands[config] = (steps, [sum(v) / len(v) for v in values], [min(v) for v in values],
+                             [max(v) for v in values])
+    return bands
+
+
+def _band_plot(rows, curves, path, keys, ylabel, title, symlog=False) -> Path | None:
+    bands = _config_bands(rows, curves, keys)
+    if not bands:
         return None
-    coefs = [float(r["entropy_coef"]) for r, _ in drawn]
-    colors = _colors(coefs)
-    schedules = sorted({r["schedule"] for r, _ in drawn})
-    multi_sched, multi_seed = len(schedules) > 1, len({r["seed"] for r, _ in drawn}) > 1
+    plt = _plt()
+    colors = _colors([c for c, _ in bands])
+    schedules = sorted({s for _, s in bands})
     fig, ax = plt.subplots(figsize=(8, 5))
-    for row, (steps, values) in sorted(drawn, key=lambda d: (float(d[0]["entropy_coef"]), d[0]["schedule"], d[0]["seed"])):
-        style = LINESTYLES[schedules.index(row["schedule"]) % len(LINESTYLES)]
-        ax.plot(steps, values, linestyle=style, color=colors[float(row["entropy_coef"])], alpha=0.85,
-                marker="." if len(steps) < 30 else None, label=_trial_label(row, multi_sched, multi_seed))
+    for (coef, sched), (steps, mean, lo, hi) in sorted(bands.items()):
+        color = colors[coef]
+        label = f"β={format_coef(coef)}" + (f" {sched}" if len(schedules) > 1 else "")
+        ax.plot(steps, mean, color=color, linestyle=LINESTYLES[schedules.index(sched) % len(LINESTYLES)], label=label)
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
     if symlog:
-        positive = [v for _, (_, vals) in drawn for v in vals if v > 0]
+        positive = [v for (_, mean, _, _) in bands.values() for v in mean if v > 0]
         if positive:
             ax.set_yscale("symlog", linthresh=min(positive) / 2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title + " (line: mean over seeds; band: their range)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(drawn) > 8 else 1)
+    ax.legend(fontsize=7, ncol=2 if len(bands) > 8 else 1)
     return _save(fig, path)
 
 
 def plot_entropy_curves(rows: list[dict], curves: dict[str, list[dict]], path) -> Path | None:
-    """Training policy entropy per logged step, one line per trial (colour = β, line style = schedule)."""
-    return _curve_plot(rows, curves, path, ENTROPY_KEYS, "policy entropy (nats/token, training batches)",
-                       "entropy curves per β")
+    """Training policy entropy per logged step: per configuration, the mean over seeds and the range as a band."""
+    return _band_plot(rows, curves, path, ENTROPY_KEYS, "policy entropy (nats/token, training batches)",
+                      "entropy per configuration")
 
 
 def plot_coef_trajectories(rows: list[dict], curves: dict[str, list[dict]], path) -> Path | None:
     """The coefficient actually used at each logged step (``entropy_coef``): schedules decay, controllers move."""
-    return _curve_plot(rows, curves, path, ("entropy_coef",), "entropy coefficient β_t (symlog)",
-                       "coefficient trajectories", symlog=True)
+    return _band_plot(rows, curves, path, ("entropy_coef",), "entropy coefficient β_t (symlog)",
+                      "coefficient trajectories", symlog=True)
 
 
 def entropy_for_scatter(row: dict) -> tuple[float | None, str]:
@@ -294,48 +352,47 @@ def entropy_for_scatter(row: dict) -> tuple[float | None, str]:
     return None, ""
 
 
-def plot_reward_vs_entropy(rows: list[dict], path) -> tuple[Path | None, dict | None]:
-    """Validation reward vs final entropy per trial, with the least-squares fit R = -a exp(H) + b."""
-    points, xlabel = [], ""
-    for row in rows:
-        h, label = entropy_for_scatter(row)
-        if _ok(row) and h is not None and _num(row.get("val_reward")) is not None:
-            points.append((row, h, float(row["val_reward"])))
-            xlabel = xlabel or label
-    if not points:
-        return None, None
+def plot_metric_vs_entropy(rows: list[dict], path, metric: str, correlation: dict | None) -> Path | None:
+    """Metric vs final entropy within seeds: each trial's values minus its seed's means, coloured by β, with the
+    least-squares line of the centred values; labelled as the correlation it is."""
+    points = entropy_points(rows, metric)
+    if len(points) < 2:
+        return None
+    by_seed: dict[int, list] = defaultdict(list)
+    for seed, h, v in points:
+        by_seed[seed].append((h, v))
+    means = {s: (sum(h for h, _ in p) / len(p), sum(v for _, v in p) / len(p)) for s, p in by_seed.items()}
+    coef_of = {(int(r["seed"]), entropy_for_scatter(r)[0]): float(r["entropy_coef"]) for r in rows if _ok(r)}
     plt = _plt()
-    colors = _colors([float(r["entropy_coef"]) for r, _, _ in points])
+    colors = _colors(list(coef_of.values()))
     fig, ax = plt.subplots(figsize=(7, 5))
     seen = set()
-    for row, h, r in points:
-        c = float(row["entropy_coef"])
-        ax.scatter([h], [r], color=colors[c], s=40, edgecolor="k", linewidth=0.5,
+    for seed, h, v in points:
+        c = coef_of.get((seed, h), 0.0)
+        ax.scatter([h - means[seed][0]], [v - means[seed][1]], color=colors[c], s=40, edgecolor="k", linewidth=0.5,
                    label=None if c in seen else f"β={format_coef(c)}")
         seen.add(c)
-    fit = fit_exp_entropy([h for _, h, _ in points], [r for _, _, r in points])
-    if fit is not None:
-        import numpy as np
-
-        hs = np.linspace(min(p[1] for p in points), max(p[1] for p in points), 100)
-        ax.plot(hs, -fit["a"] * np.exp(hs) + fit["b"], color="red",
-                label=f"fit R = -{fit['a']:.3g}·exp(H) + {fit['b']:.3g} (R²={fit['r2']:.2f}, n={fit['n']})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation reward")
-    ax.set_title("reward vs entropy")
+    if correlation is not None:
+        xs = [h - means[s][0] for s, h, _ in points]
+        line = [min(xs), max(xs)]
+        ax.plot(line, [correlation["slope"] * x for x in line], color="red",
+                label=f"within-seed correlation r = {correlation['r']:.2f} (n={correlation['n']})")
+    ax.set_xlabel("held-out entropy after training, minus its seed's mean (nats/token)")
+    ax.set_ylabel(f"{metric}, minus its seed's mean")
+    ax.set_title(f"{metric} vs entropy within seeds (a correlation)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path), fit
+    return _save(fig, path)
 
 
 def draw_plots(rows: list[dict], curves: dict[str, list[dict]], out_dir, best: dict | None = None,
-               title: str = "") -> tuple[dict[str, Path], dict | None]:
-    """All four plots into ``out_dir``: name -> path for those that had data, and the reward-vs-entropy fit."""
+               title: str = "", metric: str = "reward", correlation: dict | None = None) -> dict[str, Path]:
+    """Every plot into ``out_dir``: name -> path for those that had data."""
     out_dir = Path(out_dir)
     written = {
-        "reward_vs_beta": plot_reward_vs_beta(rows, out_dir / "reward_vs_beta.png", best, title),
+        "metric_vs_beta": plot_metric_vs_beta(rows, out_dir / "metric_vs_beta.png", best, title, metric),
         "entropy_curves": plot_entropy_curves(rows, curves, out_dir / "entropy_curves.png"),
         "coef_trajectories": plot_coef_trajectories(rows, curves, out_dir / "coef_trajectories.png"),
+        "metric_vs_entropy": plot_metric_vs_entropy(rows, out_dir / "metric_vs_entropy.png", metric, correlation),
     }
-    written["reward_vs_entropy"], fit = plot_reward_vs_entropy(rows, out_dir / "reward_vs_entropy.png")
-    return {k: v for k, v in written.items() if v is not None}, fit
+    return {k: v for k, v in written.items() if v is not None}

@@ -10,7 +10,6 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints import newest_complete
 from ..utils import torch_threads
 from .grid import TrialSpec, trial_overrides
 from .pick import trial_metrics
@@ -27,7 +27,6 @@ from .spec import SweepConfig, SweepError
 from .store import METRICS_FILE, TRACEBACK_FILE, is_finished, read_metrics, read_trial, write_trial
 
 TRIALS_DIR = "trials"
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ------------------------------------------------------------------------------------------------ trial settings
@@ -65,6 +64,7 @@ def trial_recipe(config: SweepConfig, trial: TrialSpec) -> dict:
     except RecipeError as exc:
         raise SweepError(f"trial {trial.id}: {exc}") from exc
     recipe["trainer"]["output_dir"] = str(trial_dir(config, trial))
+    recipe["trainer"]["overwrite_output_dir"] = True  # a trial that failed before its first checkpoint starts over
     if config.accelerate_config:
         recipe["launcher"] = {"accelerate_config": config.accelerate_config}
     if "disable_tqdm" in trainer_fields(recipe["algorithm"]):
@@ -75,7 +75,7 @@ def trial_recipe(config: SweepConfig, trial: TrialSpec) -> dict:
 def fingerprint(recipe: dict, trial_fn_name: str) -> str:
     """Hash of what decides a trial's result: the resolved recipe (not its paths) and the trial function."""
     payload = {k: v for k, v in recipe.items() if k not in ("source",)}
-    payload["trainer"] = {k: v for k, v in recipe["trainer"].items() if k not in ("output_dir", "disable_tqdm")}
+    payload["trainer"] = {k: v for k, v in recipe["trainer"].items() if k not in ("output_dir", "disable_tqdm", "overwrite_output_dir")}
     text = json.dumps({"recipe": payload, "fn": trial_fn_name}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -99,17 +99,10 @@ def check_trial_dirs(config: SweepConfig) -> dict[str, str]:
 
 
 def last_checkpoint(directory: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-<step>`` directory in ``directory`` (highest step), or ``None``.
-
-    The same rule as ``transformers.trainer_utils.get_last_checkpoint`` (which the trainer uses for
-    ``resume_from_checkpoint=True``), without importing transformers in processes that do not train.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    steps = [(int(m.group(1)), p.name) for p in directory.iterdir()
-             if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
-    return str(directory / max(steps)[1]) if steps else None
+    """The newest complete ``checkpoint-<step>`` in ``directory`` (one still being written when a worker died is
+    skipped), or ``None``."""
+    chosen, _ = newest_complete(directory)
+    return str(chosen) if chosen else None
 
 
 # ----------------------------------------------------------------------------------------------------- one trial

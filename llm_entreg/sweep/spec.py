@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .grid import GridError, TrialSpec, build_trials, parse_float_list, parse_int_list, parse_log_range, parse_schedules
-from .pick import Thresholds
+from .pick import Thresholds, parse_metric
 
 SPEC_KEYS = {"base_recipe", "entropy_coef", "log_range", "schedules", "seeds", "overrides", "end_ratio", "out",
-             "thresholds", "tie_tolerance", "threads", "description", "accelerate_config"}
+             "thresholds", "tie_tolerance", "threads", "description", "accelerate_config", "pick_metric", "workers"}
 DEFAULT_TRIAL_FN = "llm_entreg.run:run"
 DRY_RUN_TRIAL_FN = "llm_entreg.sweep.fake:fake_run"
 ACCELERATE_TRIAL_FN = "llm_entreg.sweep.workers:accelerate_run"  # each trial under `accelerate launch`
@@ -40,6 +40,7 @@ class SweepConfig:
     end_ratio: float = 0.01
     thresholds: Thresholds = field(default_factory=Thresholds)
     tie_tolerance: float = 0.0
+    pick_metric: str = "reward"  # reward, nll or pass@K (docs/sweep.md, "The pick")
     workers: int = 1
     storage: str | None = None
     study_name: str | None = None
@@ -138,6 +139,19 @@ def default_out_dir(source: str | os.PathLike) -> str:
     return os.path.join("runs", stem if stem.startswith("sweep") else f"sweep_{stem}")
 
 
+#: Seeds of a sweep over the embedded default when neither the spec nor the command line gives them: three, so that
+#: every configuration has an interval (docs/sweep.md, "Signal or noise").
+EMBEDDED_SEEDS = 3
+
+
+def default_seeds(recipe: dict) -> list[int]:
+    """The recipe's seed and the next two for the embedded default (cheap runs, intervals need seeds); else the
+    recipe's seed alone."""
+    seed = int(recipe.get("seed", 0))
+    embedded = recipe["model"].get("name_or_path") == "embedded"
+    return [seed + i for i in range(EMBEDDED_SEEDS)] if embedded else [seed]
+
+
 def _recipe_schedule(recipe: dict) -> str:
     trainer = recipe.get("trainer") or {}
     return trainer.get("entropy_controller") or trainer.get("entropy_schedule") or "constant"
@@ -166,7 +180,9 @@ def coef_axis(spec: dict, base_recipe: dict, entropy_coef=None, log_range=None, 
 def process_options(spec: dict, options: dict) -> tuple[int, int | None]:
     """Check ``workers``, ``threads`` and ``accelerate_config`` (flag, else spec) now, naming a bad value; the
     accelerate config also picks the trial function. Returns ``(workers, threads)``; ``options`` is updated."""
-    workers = int(options.pop("workers", 1) or 1)
+    workers = options.pop("workers", None) or spec.get("workers") or 1
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise SweepError(f"--workers: expected a positive integer, got {workers!r}")
     if workers < 1:
         raise SweepError(f"--workers: must be >= 1, got {workers}")
     accelerate_config = options.pop("accelerate_config", None) or spec.get("accelerate_config")
@@ -187,6 +203,22 @@ def process_options(spec: dict, options: dict) -> tuple[int, int | None]:
     return workers, threads
 
 
+#: Trainer fields a sweep sets for each trial itself, and the flag to use instead.
+SWEEP_OWNED = {
+    "output_dir": "each trial writes to <sweep directory>/trials/<id>: choose the sweep directory with --out",
+    "resume_from_checkpoint": "a sweep resumes its unfinished trials itself: run the same sweep command again",
+    "overwrite_output_dir": "a sweep reuses finished trials; to run them again use another --out or delete it",
+}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse overrides a sweep cannot honour, naming what to do instead."""
+    for item in overrides:
+        key = str(item).split("=", 1)[0].strip().removeprefix("trainer.")
+        if key in SWEEP_OWNED:
+            raise SweepError(f"override {item!r}: a sweep sets {key} for every trial; {SWEEP_OWNED[key]}")
+
+
 def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy_coef=None, log_range=None,
                  points: int | None = None, include_zero: bool = False, schedules=None, seeds=None,
                  end_ratio: float | None = None, out: str | None = None, thresholds: dict | None = None,
@@ -201,6 +233,7 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
     spec: dict[str, Any] = load_sweep_spec(source) if is_sweep_spec(source) else {"base_recipe": source}
     base = spec["base_recipe"]
     overrides = list(spec.get("overrides") or []) + list(cli_overrides or [])
+    check_overrides(overrides)
     real = bool(options.get("real", False))
     try:
         base_recipe = load_recipe(base, overrides, real=real)
@@ -210,7 +243,7 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
         coefs = coef_axis(spec, base_recipe, entropy_coef, log_range, points, include_zero)
         scheds = parse_schedules(schedules if schedules is not None else spec.get("schedules", _recipe_schedule(base_recipe)),
                                  "--schedules" if schedules is not None else "schedules")
-        seed_list = parse_int_list(seeds if seeds is not None else spec.get("seeds", base_recipe["seed"]),
+        seed_list = parse_int_list(seeds if seeds is not None else spec.get("seeds", default_seeds(base_recipe)),
                                    "--seeds" if seeds is not None else "seeds")
         merged_thresholds = {**(spec.get("thresholds") or {}), **{k: v for k, v in (thresholds or {}).items() if v is not None}}
         thr = Thresholds(**merged_thresholds)
@@ -222,10 +255,16 @@ def build_config(source: str, cli_overrides: list[str] | None = None, *, entropy
     tol = tie_tolerance if tie_tolerance is not None else float(spec.get("tie_tolerance", 0.0))
     if tol < 0:
         raise SweepError(f"--tie-tolerance: must be >= 0, got {tol}")
+    metric = options.pop("pick_metric", None) or spec.get("pick_metric") or "reward"
+    try:
+        parse_metric(str(metric))
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
     workers, threads = process_options(spec, options)
     return SweepConfig(
         base_recipe=str(base), trials=build_trials(coefs, scheds, seed_list),
         out_dir=str(out or spec.get("out") or default_out_dir(source)), overrides=overrides, real=real,
-        end_ratio=end, thresholds=thr, tie_tolerance=tol, workers=workers, threads=threads, source=str(source),
+        end_ratio=end, thresholds=thr, tie_tolerance=tol, pick_metric=str(metric), workers=workers, threads=threads,
+        source=str(source),
         **{k: v for k, v in options.items() if k != "real" and v is not None},
     )

@@ -22,13 +22,15 @@ METRICS_FILE = "metrics.jsonl"
 
 COLUMNS = (
     "id", "entropy_coef", "schedule", "seed", "status", "val_reward", "reward_source", "reward_before", "val_nll",
-    "val_accuracy", "val_sampled_accuracy", "val_entropy", "val_ref_entropy", "entropy_first", "entropy_last",
-    "entropy_ratio", "collapsed", "never_committed", "coef_last", "steps", "seconds", "resumed_from", "error",
-    "output_dir",
+    "val_accuracy", "val_sampled_accuracy", "val_pass@1", "val_pass@4", "val_pass@16", "val_distinct_correct",
+    "val_entropy_before", "val_entropy", "val_ref_entropy", "entropy_first", "entropy_last", "entropy_ratio",
+    "collapsed", "never_committed", "collapsed_held_out", "never_committed_held_out", "coef_last", "steps", "seconds",
+    "resumed_from", "error", "output_dir",
 )
 MD_COLUMNS = (
     ("id", "trial"), ("status", "status"), ("val_reward", "val reward"), ("reward_before", "reward before"),
-    ("val_nll", "val NLL"), ("val_entropy", "val entropy"), ("entropy_first", "train H first 20%"),
+    ("val_nll", "val NLL"), ("val_pass@1", "pass@1"), ("val_pass@16", "pass@16"),
+    ("val_distinct_correct", "distinct correct"), ("val_entropy", "val entropy"), ("entropy_first", "train H first 20%"),
     ("entropy_last", "train H last 20%"), ("collapsed", "collapsed"), ("never_committed", "never committed"),
     ("seconds", "s"),
 )
@@ -136,18 +138,48 @@ def _md(value, key: str) -> str:
     return str(value).replace("|", "\\|")
 
 
-def results_markdown(rows: list[dict], best: dict | None, title: str = "β sweep", notes: list[str] = ()) -> str:
+def _interval(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    lo, hi = entry["ci95"]
+    return f"{entry['mean']:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def _config_lines(configs: list[dict], metric: str) -> list[str]:
+    lines = [f"## Configurations ({metric}: mean over seeds [95% interval])", "",
+             "| β | schedule | seeds | " + metric + " | vs β = 0 | beyond noise | held-out entropy | pass@1 | pass@16 | "
+             "distinct correct | collapsed (train / held-out) | never committed (train / held-out) |",
+             "|" + "---|" * 12]
+    from .grid import format_coef
+
+    for c in configs:
+        n = len(c["seeds"])
+        diff = _interval(c.get("paired_diff")) if c.get("paired_diff") else ("baseline" if c["entropy_coef"] == 0
+                                                                               else "–")
+        beyond = "–" if c.get("significant") is None else ("**yes**" if c["significant"] else "no")
+        lines.append(f"| {format_coef(c['entropy_coef'])} | {c['schedule']} | {n} | {_interval(c)} | {diff} | "
+                     f"{beyond} | {_md(c.get('val_entropy'), '')} | {_md(c.get('val_pass@1'), '')} | "
+                     f"{_md(c.get('val_pass@16'), '')} | {_md(c.get('val_distinct_correct'), '')} | "
+                     f"{c['n_collapsed']}/{n} / {c['n_collapsed_held_out']}/{n} | "
+                     f"{c['n_never_committed']}/{n} / {c['n_never_committed_held_out']}/{n} |")
+    return lines + [""]
+
+
+def results_markdown(rows: list[dict], best: dict | None, title: str = "β sweep", notes: list[str] = (),
+                     configs: list[dict] = ()) -> str:
     lines = [f"# {title}", ""]
     if best:
         from .grid import format_coef
 
-        lines += [f"**Pick:** β = {format_coef(best['entropy_coef'])}, schedule `{best['schedule']}` — "
-                  f"validation reward {best['val_reward']:.4g}"
-                  + (f", NLL {best['val_nll']:.4g}" if best.get("val_nll") is not None else "")
-                  + f" ({best['reason']}; seeds {best['seeds']}).", "", f"Rule: {best['rule']}", ""]
+        verdict = "beyond noise" if best["significant"] else "no configuration beat β = 0 beyond noise"
+        base = f"; β = 0: {_interval(best['baseline'])}" if best.get("baseline") else ""
+        lines += [f"**Pick ({best['metric']}):** β = {format_coef(best['entropy_coef'])}, schedule "
+                  f"`{best['schedule']}` — {_interval(best)} over seeds {best['seeds']}{base}. **{verdict}.** "
+                  f"{best['reason']}.", "", f"Rule: {best['rule']}", ""]
+        lines += _config_lines(list(configs), best["metric"])
     else:
-        lines += ["**Pick:** none (no trial finished with a validation reward).", ""]
-    lines += ["| " + " | ".join(label for _, label in MD_COLUMNS) + " | error |",
+        lines += ["**Pick:** none (no trial finished with the pick metric).", ""]
+    lines += ["## Trials", "", "| " + " | ".join(label for _, label in MD_COLUMNS) + " | error |",
               "|" + "---|" * (len(MD_COLUMNS) + 1)]
     for row in rows:
         cells = [_md(row.get(key), key) for key, _ in MD_COLUMNS] + [_md(row.get("error"), "error")]

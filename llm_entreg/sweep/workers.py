@@ -394,7 +394,7 @@ def accelerate_run(recipe: dict, resume_from_checkpoint=None, log=print):
     path.write_text(yaml.safe_dump(plain, sort_keys=False))
     cmd = accelerate_command(config, ["train", str(path)])
     if resume_from_checkpoint:
-        cmd += ["--resume", str(resume_from_checkpoint)]
+        cmd += [f"--resume={resume_from_checkpoint}"]
     log("launching: " + " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     (out_dir / "launch.log").write_text(proc.stdout + proc.stderr)

@@ -11,16 +11,20 @@ import os
 from dataclasses import dataclass, field
 
 from .data import (
+    MANY_ANSWER_TASKS,
     SPLITS,
     TASKS,
     Problem,
     TaskDatasets,
     TaskSpec,
     build_datasets,
+    correct_answers,
+    is_correct,
     make_splits,
     preference_dataset,
     problems_from_dataset,
     prompt_dataset,
+    sample_answer,
     sft_dataset,
     solve,
     tokenize_prompts,
@@ -62,6 +66,7 @@ from .warmstart import (
     WarmStart,
     WarmStartConfig,
     cache_root,
+    default_warm_start_config,
     ensure_warm_start,
     is_valid_warm_start,
     load_warm_start,
@@ -133,6 +138,11 @@ __all__ = [
     "warm_start",
     "warm_start_dir",
     "wrong_answer",
+    "MANY_ANSWER_TASKS",
+    "correct_answers",
+    "is_correct",
+    "sample_answer",
+    "default_warm_start_config",
 ]
 
 
@@ -228,9 +238,10 @@ def build_default(
     Args:
         seed: data split, model init and warm start seed; default ``warm_start_config.seed`` or 0.
         cache_dir: cache root (default ``$LLM_ENTREG_CACHE`` or ``~/.cache/llm_entreg``).
-        task: ``"add"`` / ``"reverse"`` / ``"mix"`` or a :class:`TaskSpec`; default the config's task or ``"add"``.
+        task: ``"add"`` / ``"reverse"`` / ``"mix"`` / ``"between"`` or a :class:`TaskSpec`; default the config's task
+            or ``"add"``.
         warm_start_config: override the warm start (model size, steps, target accuracy ...); ``seed`` and ``task``,
-            when given, replace the config's own.
+            when given, replace the config's own. Default: :func:`default_warm_start_config` of the task.
         reward_funcs: names from :data:`REWARD_FUNCS` or callables; default correctness only.
         reward_weights: one weight per reward function; default all 1.0.
         n_preference, n_prompts: train-split sizes of the preference and prompt datasets (None: the whole split).
@@ -238,11 +249,14 @@ def build_default(
         force: retrain the warm start even if cached.
         log: optional ``print``-like callable for warm-start progress.
     """
-    config = warm_start_config or WarmStartConfig()
+    if warm_start_config is None:
+        config = default_warm_start_config(task if task is not None else "add")
+    else:
+        config = warm_start_config
+        if task is not None:
+            config = dataclasses.replace(config, task=task if isinstance(task, TaskSpec) else TaskSpec(task=task))
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)
-    if task is not None:
-        config = dataclasses.replace(config, task=task if isinstance(task, TaskSpec) else TaskSpec(task=task))
     funcs = [REWARD_FUNCS[f] if isinstance(f, str) else f for f in _names_checked(reward_funcs)]
     weights = list(reward_weights) if reward_weights is not None else [1.0] * len(funcs)
     if len(weights) != len(funcs):

@@ -1,6 +1,6 @@
-"""Synthetic tasks with a verifiable answer (``add``, ``reverse``, ``mix``) and the SFT, preference and prompt datasets
-built from them in TRL's standard text format; disjoint splits, a pure function of ``(spec, seed)``. Details:
-docs/embedded_default.md ("Tasks and datasets").
+"""Synthetic tasks with a verifiable answer (``add``, ``reverse``, ``mix``; ``between``, with many correct answers per
+prompt) and the SFT, preference and prompt datasets built from them in TRL's standard text format; disjoint splits,
+a pure function of ``(spec, seed)``. Details: docs/embedded_default.md ("Tasks and datasets").
 """
 
 from __future__ import annotations
@@ -11,11 +11,15 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
-TASKS = ("add", "reverse", "mix")
+TASKS = ("add", "reverse", "mix", "between")
+#: Tasks whose prompts have many correct answers (any of them earns the reward).
+MANY_ANSWER_TASKS = ("between",)
 SPLITS = ("train", "validation", "test")
 
 _ADD_RE = re.compile(r"^(\d+)\+(\d+)=$")
 _REV_RE = re.compile(r"^rev:([a-z]+)=$")
+_BETWEEN_RE = re.compile(r"^(\d+)<\?<(\d+)=$")
+_INTEGER_RE = re.compile(r"^(0|[1-9]\d*)$")
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,12 @@ class TaskSpec:
     """Which synthetic task, and its sizes.
 
     Args:
-        task: ``"add"`` (default), ``"reverse"`` or ``"mix"``.
+        task: ``"add"`` (default), ``"reverse"``, ``"mix"`` (add and reverse), or ``"between"``: ``"12<?<47="``, any
+            integer strictly between the two is correct (the exploration task: many correct answers per prompt).
         max_operand: ``add`` operands are drawn from ``[0, max_operand]``; default 99 (10,000 distinct problems).
+            ``between`` bounds too lie in ``[0, max_operand]``.
+        between_min_gap, between_max_gap: ``between`` prompts have ``min_gap <= y - x <= max_gap``, i.e. from
+            ``min_gap - 1`` to ``max_gap - 1`` correct answers; default 6 and 40 (about 2,900 distinct prompts).
         rev_min_len, rev_max_len: ``reverse`` string lengths (inclusive); default 3..6.
         rev_alphabet: letters of the ``reverse`` strings; default ``"abcdefghij"``.
         rev_pool_size: number of distinct ``reverse`` problems; default 6000.
@@ -39,6 +47,8 @@ class TaskSpec:
     rev_pool_size: int = 6000
     n_validation: int = 256
     n_test: int = 256
+    between_min_gap: int = 6
+    between_max_gap: int = 40
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -55,6 +65,12 @@ class TaskSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         need = self.n_validation + self.n_test + 1
+        if not 2 <= self.between_min_gap <= self.between_max_gap:
+            raise ValueError(f"between_min_gap/between_max_gap: need 2 <= min <= max, got "
+                             f"{self.between_min_gap}..{self.between_max_gap}")
+        if self.task == "between" and len(_between_bounds(self)) < need:
+            raise ValueError(f"between_max_gap: {self.between_min_gap}..{self.between_max_gap} with max_operand "
+                             f"{self.max_operand} gives too few problems for the held-out splits")
         if self.task in ("add", "mix") and (self.max_operand + 1) ** 2 < need:
             raise ValueError(f"max_operand: {self.max_operand} gives too few problems for the held-out splits")
         if self.task in ("reverse", "mix"):
@@ -90,24 +106,54 @@ def reverse_prompt(s: str) -> str:
     return f"rev:{s}="
 
 
+def between_prompt(x: int, y: int) -> str:
+    return f"{x}<?<{y}="
+
+
 def task_of(prompt: str) -> str | None:
-    """``"add"``, ``"reverse"`` or None (not a prompt of a built-in task)."""
+    """``"add"``, ``"reverse"``, ``"between"`` or None (not a prompt of a built-in task)."""
     if _ADD_RE.match(prompt):
         return "add"
     if _REV_RE.match(prompt):
         return "reverse"
+    if _BETWEEN_RE.match(prompt):
+        return "between"
     return None
 
 
 def solve(prompt: str) -> str | None:
-    """The correct answer of a built-in task's prompt, recomputed from the prompt itself (None if unknown)."""
+    """A correct answer of a built-in task's prompt, recomputed from the prompt itself (None if unknown); for
+    ``between``, whose every integer in the interval is correct, the midpoint."""
     m = _ADD_RE.match(prompt)
     if m:
         return str(int(m.group(1)) + int(m.group(2)))
     m = _REV_RE.match(prompt)
     if m:
         return m.group(1)[::-1]
+    m = _BETWEEN_RE.match(prompt)
+    if m:
+        return str((int(m.group(1)) + int(m.group(2))) // 2)
     return None
+
+
+def correct_answers(prompt: str) -> list[str] | None:
+    """Every correct answer of a many-answer prompt (None for the other tasks, whose answer is unique)."""
+    m = _BETWEEN_RE.match(prompt)
+    if m:
+        return [str(z) for z in range(int(m.group(1)) + 1, int(m.group(2)))]
+    return None
+
+
+def is_correct(prompt: str, completion: str, answer: str | None = None) -> bool | None:
+    """Whether ``completion`` (stripped) answers ``prompt``: any integer strictly inside a ``between`` interval, written
+    without leading zeros; else an exact match with ``answer`` (recomputed from the prompt when not given). None when
+    the answer is unknown."""
+    text = completion.strip()
+    m = _BETWEEN_RE.match(prompt)
+    if m:
+        return bool(_INTEGER_RE.match(text)) and int(m.group(1)) < int(text) < int(m.group(2))
+    answer = solve(prompt) if answer is None else answer
+    return None if answer is None else text == answer
 
 
 def _rng(seed: int, purpose: str) -> random.Random:
@@ -137,6 +183,18 @@ def _reverse_pool(spec: TaskSpec, seed: int) -> list[Problem]:
     return pool
 
 
+def _between_bounds(spec: TaskSpec) -> list[tuple[int, int]]:
+    top = spec.max_operand
+    return [(x, y) for x in range(top + 1)
+            for y in range(x + spec.between_min_gap, min(top, x + spec.between_max_gap) + 1)]
+
+
+def _between_pool(spec: TaskSpec, seed: int) -> list[Problem]:
+    pool = [Problem("between", between_prompt(x, y), str((x + y) // 2)) for x, y in _between_bounds(spec)]
+    _rng(seed, "pool:between").shuffle(pool)
+    return pool
+
+
 def make_splits(spec: TaskSpec | None = None, seed: int = 0) -> dict[str, list[Problem]]:
     """Disjoint ``train`` / ``validation`` / ``test`` problem lists (deterministic in ``spec`` and ``seed``).
 
@@ -148,6 +206,8 @@ def make_splits(spec: TaskSpec | None = None, seed: int = 0) -> dict[str, list[P
         pools.append(_add_pool(spec, seed))
     if spec.task in ("reverse", "mix"):
         pools.append(_reverse_pool(spec, seed))
+    if spec.task == "between":
+        pools.append(_between_pool(spec, seed))
     splits: dict[str, list[Problem]] = {name: [] for name in SPLITS}
     for pool in pools:
         nv, nt = spec.n_validation, spec.n_test
@@ -194,8 +254,22 @@ def _wrong_reverse(answer: str, rng: random.Random, alphabet: str) -> str:
     return rng.choice(sorted(options))
 
 
+def _wrong_between(prompt: str, rng: random.Random) -> str:
+    x, y = (int(v) for v in _BETWEEN_RE.match(prompt).groups())
+    options = {x, y, y + 1, y + rng.randint(2, 9)} | ({x - 1} if x > 0 else set())  # the bounds, just outside
+    return str(rng.choice(sorted(options)))
+
+
+def sample_answer(problem: Problem, rng: random.Random) -> str:
+    """A correct answer drawn uniformly from all of the problem's correct answers (its only one for most tasks)."""
+    answers = correct_answers(problem.prompt)
+    return problem.answer if answers is None else rng.choice(answers)
+
+
 def wrong_answer(problem: Problem, rng: random.Random, spec: TaskSpec | None = None) -> str:
-    """A plausible wrong answer to ``problem`` (never equal to the correct answer)."""
+    """A plausible wrong answer to ``problem`` (never equal to a correct answer)."""
+    if problem.task == "between":
+        return _wrong_between(problem.prompt, rng)
     if problem.task == "add":
         return _wrong_add(problem.answer, rng)
     if problem.task == "reverse":
@@ -216,19 +290,23 @@ def _take(problems: list[Problem], n: int | None, seed: int, purpose: str) -> li
     return _rng(seed, purpose).sample(problems, n)
 
 
-def sft_dataset(problems: list[Problem]) -> Dataset:
-    """Standard prompt-completion dataset: ``prompt``, ``completion`` (the correct answer, no ``<eos>``)."""
-    return Dataset.from_dict({"prompt": [p.prompt for p in problems], "completion": [p.answer for p in problems]})
+def sft_dataset(problems: list[Problem], seed: int = 0) -> Dataset:
+    """Standard prompt-completion dataset: ``prompt``, ``completion`` (a correct answer, drawn uniformly for a
+    many-answer task; no ``<eos>``)."""
+    rng = _rng(seed, "sft-answers")
+    return Dataset.from_dict({"prompt": [p.prompt for p in problems],
+                              "completion": [sample_answer(p, rng) for p in problems]})
 
 
 def preference_dataset(problems: list[Problem], seed: int = 0, spec: TaskSpec | None = None) -> Dataset:
     """Standard preference dataset: ``prompt``, ``chosen`` (correct), ``rejected`` (plausible wrong); no ``<eos>``."""
     rng = _rng(seed, "rejected")
     rejected = [wrong_answer(p, rng, spec) for p in problems]
+    chosen_rng = _rng(seed, "chosen")
     return Dataset.from_dict(
         {
             "prompt": [p.prompt for p in problems],
-            "chosen": [p.answer for p in problems],
+            "chosen": [sample_answer(p, chosen_rng) for p in problems],
             "rejected": rejected,
         }
     )
@@ -289,7 +367,7 @@ def build_datasets(
     out = TaskDatasets(spec=spec, seed=seed, problems=splits)
     for name, problems in splits.items():
         is_train = name == "train"
-        out.sft[name] = sft_dataset(_take(problems, n_sft, seed, "sft") if is_train else problems)
+        out.sft[name] = sft_dataset(_take(problems, n_sft, seed, "sft") if is_train else problems, seed=seed)
         out.preference[name] = preference_dataset(
             _take(problems, n_preference, seed, "preference") if is_train else problems, seed=seed, spec=spec
         )

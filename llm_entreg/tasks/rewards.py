@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .data import solve, task_of
+from .data import is_correct, solve, task_of
 
-_FORMAT = {"add": re.compile(r"^\d{1,6}$"), "reverse": re.compile(r"^[a-z]+$")}
+_FORMAT = {"add": re.compile(r"^\d{1,6}$"), "reverse": re.compile(r"^[a-z]+$"), "between": re.compile(r"^\d{1,6}$")}
 
 
 def completion_text(completion) -> str:
@@ -45,14 +45,16 @@ def _answers(prompts, answer) -> list[str | None]:
 
 
 def correctness_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """Exact match: 1.0 if ``completion.strip() == answer`` else 0.0.
+    """1.0 for a correct completion, else 0.0: an exact match with ``answer``, or, for a many-answer task
+    (``between``), any of its correct answers.
 
     ``answer`` is the dataset column GRPO passes through; without it the answer is recomputed from the prompt.
     A prompt whose answer is unknown gives None (NaN in TRL: ignored by its reward aggregation).
     """
     out = []
-    for completion, ans in zip(completions, _answers(prompts, answer), strict=True):
-        out.append(None if ans is None else float(completion_text(completion).strip() == ans))
+    for prompt, completion, ans in zip(prompts, completions, _answers(prompts, answer), strict=True):
+        ok = is_correct(prompt_text(prompt), completion_text(completion), ans)
+        out.append(None if ok is None else float(ok))
     return out
 
 
@@ -69,13 +71,17 @@ def format_reward(prompts, completions, task=None, **kwargs) -> list[float]:
 
 
 def partial_credit_reward(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """Characters right in position divided by ``max(len(answer), len(completion))`` (1.0 only when exact)."""
+    """Characters right in position divided by ``max(len(answer), len(completion))`` (1.0 only when exact); for a
+    many-answer task, the correctness reward."""
     out = []
-    for completion, ans in zip(completions, _answers(prompts, answer), strict=True):
+    for prompt, completion, ans in zip(prompts, completions, _answers(prompts, answer), strict=True):
         if ans is None:
             out.append(None)
             continue
         text = completion_text(completion).strip()
+        if task_of(prompt_text(prompt)) == "between":
+            out.append(float(is_correct(prompt_text(prompt), text)))
+            continue
         hits = sum(a == b for a, b in zip(text, ans))
         out.append(hits / max(len(ans), len(text), 1))
     return out

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .data import TaskSpec, make_splits
+from .data import MANY_ANSWER_TASKS, Problem, TaskSpec, make_splits, sample_answer
 from .cache import build_once
 from ..utils import package_version, torch_threads
 from .evaluation import encode_supervised, evaluate, generate_completions
@@ -149,10 +150,34 @@ def _lr_at(step: int, config: WarmStartConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _probe_accuracy(model, tokenizer, probe) -> float:
-    g = generate_completions(model, tokenizer, [p.prompt for p in probe], do_sample=False)
-    scores = correctness_reward([p.prompt for p in probe], g.texts, answer=[p.answer for p in probe])
+#: Answers drawn per training prompt of a many-answer task: the warm start learns the uniform distribution over them.
+ANSWERS_PER_PROMPT = 8
+
+
+def _probe_accuracy(model, tokenizer, probe, sampled: bool) -> float:
+    """Greedy accuracy on the probe; for a many-answer task, sampled accuracy over 8 samples per prompt (the greedy
+    answer of a policy spread over the correct answers says little about it)."""
+    n = 8 if sampled else 1
+    prompts = [p.prompt for p in probe for _ in range(n)]
+    g = generate_completions(model, tokenizer, prompts, do_sample=sampled)
+    scores = correctness_reward(prompts, g.texts, answer=[p.answer for p in probe for _ in range(n)])
     return sum(scores) / len(scores)
+
+
+def _training_examples(train: list[Problem], task: TaskSpec, seed: int) -> list[Problem]:
+    """The SFT examples: each problem with its answer, or, for a many-answer task, with uniformly drawn answers."""
+    if task.task not in MANY_ANSWER_TASKS:
+        return train
+    rng = random.Random(f"llm_entreg.warmstart:{seed}")
+    return [Problem(p.task, p.prompt, sample_answer(p, rng)) for p in train for _ in range(ANSWERS_PER_PROMPT)]
+
+
+def default_warm_start_config(task: str | TaskSpec = "add", **overrides) -> WarmStartConfig:
+    """The warm start a task gets by default: greedy accuracy 0.4 for single-answer tasks; for a many-answer task,
+    sampled accuracy 0.55 checked every 25 steps (a policy spread over the correct answers, partly right)."""
+    spec = task if isinstance(task, TaskSpec) else TaskSpec(task=task)
+    base = dict(target_accuracy=0.55, eval_every=25) if spec.task in MANY_ANSWER_TASKS else {}
+    return WarmStartConfig(task=spec, **{**base, **overrides})
 
 
 def train_warm_start(config: WarmStartConfig, log=None):
@@ -171,7 +196,8 @@ def train_warm_start(config: WarmStartConfig, log=None):
     )
     splits = make_splits(config.task, config.seed)
     train = splits["train"]
-    input_ids, labels = encode_supervised(tokenizer, train)
+    sampled_probe = config.task.task in MANY_ANSWER_TASKS
+    input_ids, labels = encode_supervised(tokenizer, _training_examples(train, config.task, config.seed))
     attention_mask = (input_ids != tokenizer.pad_token_id).long()
     gen = torch.Generator().manual_seed(config.seed)
     probe_idx = torch.randperm(len(train), generator=gen)[: config.probe_size].tolist()
@@ -196,7 +222,7 @@ def train_warm_start(config: WarmStartConfig, log=None):
     for step in range(config.max_steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        idx = torch.randint(len(train), (config.batch_size,), generator=gen)
+        idx = torch.randint(input_ids.shape[0], (config.batch_size,), generator=gen)
         width = int(attention_mask[idx].sum(1).max())
         ids, lab, am = input_ids[idx, :width], labels[idx, :width], attention_mask[idx, :width]
         logits = model(input_ids=ids, attention_mask=am).logits
@@ -208,7 +234,7 @@ def train_warm_start(config: WarmStartConfig, log=None):
         losses.append(loss.item())
         steps = step + 1
         if steps % config.eval_every == 0 or steps == config.max_steps:
-            acc = _probe_accuracy(model, tokenizer, probe)
+            acc = _probe_accuracy(model, tokenizer, probe, sampled_probe)
             probe_history.append((steps, acc))
             if log is not None:
                 window = losses[-config.eval_every :]

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 
 def test_micro_sweep_on_the_embedded_dpo_recipe(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", str(DPO), "--entropy-coef", "0,0.5", "--out", str(out), "--threads", "1", "max_steps=4",
+    argv = ["sweep", str(DPO), "--entropy-coef", "0,0.5", "--seeds", "0", "--out", str(out), "--threads", "1", "max_steps=4",
             "evaluation.num_prompts=16", "logging_steps=1", "save_steps=2", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "2/2 trial(s) complete, 0 failed" in printed and "pick: β =" in printed
+    assert "2/2 trial(s) complete, 0 failed" in printed and "pick (reward): β =" in printed and "[95% " in printed
     rows = read_results_csv(out / "results.csv")
     assert [r["id"] for r in rows] == ["coef=0_sched=constant_seed=0", "coef=5e-1_sched=constant_seed=0"]
     for row in rows:
@@ -30,8 +30,9 @@ def test_micro_sweep_on_the_embedded_dpo_recipe(tmp_path, capsys):
         assert len((trial / "metrics.jsonl").read_text().splitlines()) >= 4  # the full curve stays with the trial
         assert (trial / "summary.json").is_file() and not list(trial.glob("checkpoint-*"))
     best = json.loads((out / "best.json").read_text())
-    assert best["pick"]["entropy_coef"] in (0.0, 0.5) and best["rule"].startswith("Pick the configuration")
-    for name in ("reward_vs_beta", "entropy_curves", "reward_vs_entropy", "coef_trajectories"):
+    assert best["pick"]["entropy_coef"] in (0.0, 0.5) and best["rule"].startswith("Each configuration")
+    assert isinstance(best["significant"], bool) and len(best["baseline"]["ci95"]) == 2
+    for name in ("metric_vs_beta", "entropy_curves", "coef_trajectories"):
         assert (out / f"{name}.png").stat().st_size > 5_000
     assert main(argv) == 0  # the same command again: both trials reused
     assert "(reused)" not in capsys.readouterr().out  # --no-progress prints no per-trial lines ...

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_entreg.checkpoints import write_marker
 from llm_entreg.sweep import run_sweep as exported_run_sweep
 from llm_entreg.sweep import run_sweep
 from llm_entreg.sweep.runner import (base_row, fingerprint, last_checkpoint, resolve_trial_fn, run_trial, status_line,
@@ -28,17 +29,21 @@ def test_finished_trials_are_not_rerun(make_config):
     result2 = run_sweep(make_config(), trial_fn=again)
     assert again.calls == []  # every trial.json says complete with the same fingerprint: reused
     assert [r["val_reward"] for r in result2.rows] == [r["val_reward"] for r in result.rows]
-    # a trial interrupted after its checkpoint: trial.json says running, checkpoint-5 exists -> resumed from it
+    # a trial interrupted after its checkpoint: trial.json says running, checkpoint-5 is complete (checkpoint-6
+    # was still being written) -> resumed from checkpoint-5
     directory = trial_dir(config, config.trials[2])
     record = read_trial(directory)
     record["status"] = "running"
     (directory / "trial.json").write_text(json.dumps(record))
     (directory / "checkpoint-5").mkdir()
+    write_marker(directory / "checkpoint-5", 5)
+    (directory / "checkpoint-6").mkdir()
     third = CountingTrial()
     result3 = run_sweep(make_config(), trial_fn=third)
     assert third.calls == [(1e-2, str(directory / "checkpoint-5"))]
     assert result3.rows[2]["resumed_from"] == "checkpoint-5" and result3.rows[2]["status"] == "complete"
     assert not (directory / "checkpoint-5").exists()  # checkpoints of a finished trial are removed by default
+    assert not (directory / "checkpoint-6").exists()
 
 
 def test_failed_trial_is_recorded_and_does_not_stop_the_sweep(make_config):
@@ -64,14 +69,22 @@ def test_changed_settings_are_refused_in_the_same_directory(make_config):
         run_sweep(make_config(coefs="1e-3", overrides=("max_steps=12",)), trial_fn=CountingTrial())
 
 
-def test_last_checkpoint_matches_transformers(tmp_path):
-    from transformers.trainer_utils import get_last_checkpoint
+def test_an_invalid_trial_config_stops_the_sweep_before_any_trial_runs(make_config, tmp_path):
+    trial = CountingTrial()
+    with pytest.raises(SweepError, match=r"trial coef=-1e0_sched=constant_seed=0: .*entropy_coef: got -1.0 < 0"):
+        run_sweep(make_config(coefs="0,-1"), trial_fn=trial)
+    assert trial.calls == [] and not (tmp_path / "sweep" / "trials").exists()
 
+
+def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
     assert last_checkpoint(tmp_path) is None and last_checkpoint(tmp_path / "missing") is None
     for name in ("checkpoint-5", "checkpoint-40", "checkpoint-100", "checkpoint-x", "final"):
         (tmp_path / name).mkdir()
     (tmp_path / "checkpoint-500").write_text("a file, not a checkpoint")
-    assert last_checkpoint(tmp_path) == get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    assert last_checkpoint(tmp_path) is None  # none is marked complete
+    for name in ("checkpoint-5", "checkpoint-40"):
+        write_marker(tmp_path / name, int(name.split("-")[1]))
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")  # checkpoint-100 was still being written
 
 
 def test_run_trial_records_the_row_and_reuses_it(make_config):

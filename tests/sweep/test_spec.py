@@ -19,7 +19,7 @@ def test_sweep_spec_yaml(tmp_path):
     shipped = load_sweep_spec(ROOT / "recipes" / "sweep_beta.yaml")
     assert Path(shipped["base_recipe"]).resolve() == DPO.resolve()
     config = build_config(str(ROOT / "recipes" / "sweep_beta.yaml"))
-    assert [t.entropy_coef for t in config.trials][:3] == [0.0, 0.0, 1e-3]
+    assert [t.entropy_coef for t in config.trials][:4] == [0.0, 0.0, 0.0, 1e-3]  # β = 0 once per seed
     assert config.out_dir == str(Path("runs") / "sweep_beta")
     spec = tmp_path / "my_sweep.yaml"
     spec.write_text(f"base_recipe: {DPO}\nlog_range: 1e-4:1e-1\nschedules: [constant, exponential]\nseeds: [3]\n"
@@ -56,7 +56,8 @@ def test_spec_paths_and_overrides(tmp_path, monkeypatch):
     assert load_sweep_spec(spec)["base_recipe"] == str(tmp_path / "sub" / "base.yaml")
     assert load_sweep_spec(spec)["overrides"] == ["max_steps=3", "seed=5"]
     config = build_config(str(spec))
-    assert [t.id for t in config.trials] == ["coef=2e-2_sched=constant_seed=5"]  # the recipe's β, the override's seed
+    # the recipe's β; the override's seed and, the recipe being the embedded default, the next two (3 seeds)
+    assert [t.id for t in config.trials] == [f"coef=2e-2_sched=constant_seed={s}" for s in (5, 6, 7)]
     assert config.out_dir == str(Path("runs") / "sweep_x")
 
 
@@ -102,8 +103,12 @@ def test_command_line_values(tmp_path):
     assert (config.workers, config.threads, config.end_ratio, config.tie_tolerance) == (3, 2, 0.1, 0.02)
     assert config.thresholds.window == 0.25 and config.thresholds.commit_band == 0.1  # None keeps the default
     assert config.parallel and config.trial_fn == DEFAULT_TRIAL_FN and config.overrides == ["max_steps=5"]
-    plain = build_config(str(DPO), out=str(tmp_path / "p"))
-    assert [t.id for t in plain.trials] == ["coef=2e-2_sched=constant_seed=0"] and not plain.parallel
+    plain = build_config(str(DPO), out=str(tmp_path / "p"))  # the embedded default: three seeds by default
+    assert [t.id for t in plain.trials] == [f"coef=2e-2_sched=constant_seed={s}" for s in (0, 1, 2)]
+    assert not plain.parallel and plain.pick_metric == "reward"
+    assert build_config(str(DPO), out=str(tmp_path / "q"), pick_metric="pass@16").pick_metric == "pass@16"
+    with pytest.raises(SweepError, match="--pick-metric: expected reward, nll or pass@K"):
+        build_config(str(DPO), out=str(tmp_path / "q"), pick_metric="accuracy")
     assert default_out_dir("recipes/dpo_entropy.yaml") == str(Path("runs") / "sweep_dpo_entropy")
     assert default_out_dir("recipes/sweep_beta.yaml") == str(Path("runs") / "sweep_beta")
 
@@ -127,13 +132,14 @@ def test_accelerate_config_names_resolve_through_llm_entreg_launch(tmp_path):
 
 def test_study_name_and_record(tmp_path):
     def make(**kwargs):
-        return build_config(str(DPO), ["max_steps=5"], entropy_coef="0,1e-2", out=str(tmp_path / "beta"), **kwargs)
+        return build_config(str(DPO), ["max_steps=5"], entropy_coef="0,1e-2", out=str(tmp_path / "beta"), seeds="0",
+                            **kwargs)
 
     config = make(workers=2)
     name = config.resolved_study_name()
     assert name.startswith("beta-") and len(name) == len("beta-") + 8
     assert make(workers=2).resolved_study_name() == name  # the same command: the same study
-    assert build_config(str(DPO), ["max_steps=6"], entropy_coef="0,1e-2", out=str(tmp_path / "beta"),
+    assert build_config(str(DPO), ["max_steps=6"], entropy_coef="0,1e-2", out=str(tmp_path / "beta"), seeds="0",
                         workers=2).resolved_study_name() != name
     assert make(study_name="mine").resolved_study_name() == "mine"
     record = json.loads(json.dumps(config.record()))  # JSON-able

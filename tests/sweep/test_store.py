@@ -84,19 +84,27 @@ def test_results_csv(tmp_path):
 
 
 def test_results_markdown(tmp_path):
-    best = {"entropy_coef": 0.0, "schedule": "constant", "val_reward": 0.4375, "val_nll": 0.466, "reason": "best",
+    best = {"entropy_coef": 0.0, "schedule": "constant", "metric": "reward", "mean": 0.4375, "ci95": [0.40, 0.47],
+            "significant": False, "baseline": {"mean": 0.4375, "ci95": [0.40, 0.47]}, "reason": "best",
             "seeds": [0], "rule": "the rule"}
-    text = results_markdown(ROWS, best, title="β sweep: x", notes=["note one"])
+    configs = [{"entropy_coef": 0.0, "schedule": "constant", "mean": 0.4375, "ci95": [0.40, 0.47], "paired_diff": None,
+                "significant": None, "seeds": [0], "val_entropy": 0.5, "val_pass@1": 0.4, "val_pass@16": 0.9,
+                "val_distinct_correct": 3.0, "n_collapsed": 1, "n_never_committed": 0, "n_collapsed_held_out": 0,
+                "n_never_committed_held_out": 0}]
+    text = results_markdown(ROWS, best, title="β sweep: x", notes=["note one"], configs=configs)
     lines = text.splitlines()
     assert lines[0] == "# β sweep: x"
-    assert lines[2] == ("**Pick:** β = 0, schedule `constant` — validation reward 0.4375, NLL 0.466 (best; seeds "
-                        "[0]).")
+    assert lines[2] == ("**Pick (reward):** β = 0, schedule `constant` — 0.4375 [0.4, 0.47] over seeds [0]; β = 0: "
+                        "0.4375 [0.4, 0.47]. **no configuration beat β = 0 beyond noise.** best.")
     assert "Rule: the rule" in lines
-    header = lines.index("| trial | status | val reward | reward before | val NLL | val entropy | train H first 20% "
-                         "| train H last 20% | collapsed | never committed | s | error |")
-    assert lines[header + 2] == ("| coef=0_sched=constant_seed=0 | complete | 0.4375 | – | 0.4661 | – | – | – | "
-                                 "**yes** | no | 13 | – |")
+    row = lines.index("## Configurations (reward: mean over seeds [95% interval])") + 4
+    assert lines[row] == ("| 0 | constant | 1 | 0.4375 [0.4, 0.47] | baseline | – | 0.5 | 0.4 | 0.9 | 3 | 1/1 / 0/1 | "
+                          "0/1 / 0/1 |")
+    header = lines.index("| trial | status | val reward | reward before | val NLL | pass@1 | pass@16 | distinct correct "
+                         "| val entropy | train H first 20% | train H last 20% | collapsed | never committed | s | error |")
+    assert lines[header + 2] == ("| coef=0_sched=constant_seed=0 | complete | 0.4375 | – | 0.4661 | – | – | – | – | – | "
+                                 "– | **yes** | no | 13 | – |")
     assert lines[header + 3].endswith("| RuntimeError: a \\| b c |")  # pipes escaped, one line
     assert lines[-1] == "- note one" and text.endswith("\n")
     nobody = write_results_md(ROWS, None, tmp_path / "results.md")
-    assert "**Pick:** none (no trial finished with a validation reward)." in nobody.read_text()
+    assert "**Pick:** none (no trial finished with the pick metric)." in nobody.read_text()

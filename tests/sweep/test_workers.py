@@ -25,13 +25,15 @@ from llm_entreg.sweep.workers import (accelerate_run, compact_curves, duplicate_
 @pytest.mark.slow
 def test_two_workers_share_a_sqlite_study(make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_ENTREG_FAKE_SLEEP", "0.5")  # long enough that both workers get trials
+    monkeypatch.setenv("LLM_ENTREG_FAKE_NOISE", "0")  # expected rewards: β = 1e-2 beats β = 0 beyond noise
+    monkeypatch.setenv("LLM_ENTREG_FAKE_FAIL", "1")  # the β = 1 trial raises
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    config = make_config(coefs="0,1e-3,1e-2,1e-1,-1", workers=2, storage=storage, study_name="test-sweep",
+    config = make_config(coefs="0,1e-3,1e-2,1e-1,1", workers=2, storage=storage, study_name="test-sweep",
                          trial_fn="llm_entreg.sweep.fake:fake_run", devices="cpu", plots=False)
     result = run_sweep(config)
     assert result.n_complete == 4 and result.n_failed == 1
     failed = next(r for r in result.rows if r["status"] == "failed")
-    assert failed["entropy_coef"] == -1.0 and failed["error"].startswith("ValueError: entropy_coef")
+    assert failed["entropy_coef"] == 1.0 and failed["error"].startswith("RuntimeError: injected failure")
     records = {t.id: read_trial(trial_dir(config, t)) for t in config.trials}
     assert len({r["pid"] for r in records.values()}) == 2  # both workers ran trials
     study = open_study(config)
@@ -46,7 +48,7 @@ def test_two_workers_share_a_sqlite_study(make_config, tmp_path, monkeypatch):
     assert again.n_complete == 4 and again.n_failed == 1
     for t in config.trials:
         record = read_trial(trial_dir(config, t))
-        assert (record["started"] == started[t.id]) == (t.entropy_coef != -1.0), t.id
+        assert (record["started"] == started[t.id]) == (t.entropy_coef != 1.0), t.id
 
 
 @pytest.mark.slow
@@ -199,7 +201,7 @@ def test_accelerate_run_launches_train_on_the_trial_recipe(tmp_path, monkeypatch
     assert accelerate_run(recipe, resume_from_checkpoint=str(out / "checkpoint-4"), log=logged.append) is None
     config = resolve_accelerate_config("cpu_ddp_2proc")
     assert calls[0] == accelerate_command(config, ["train", str(out / "recipe.yaml")]) + [
-        "--resume", str(out / "checkpoint-4")]
+        f"--resume={out / 'checkpoint-4'}"]
     assert logged == ["launching: " + " ".join(calls[0])]
     import yaml
 

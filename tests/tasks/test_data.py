@@ -176,3 +176,36 @@ def test_dpo_trainer_from_cached_path(tiny_cache, tmp_path):
     assert row["prompt_ids"][0] == 2 and row["chosen_ids"][-1] == 3
     assert trainer.processing_class.decode(row["prompt_ids"], skip_special_tokens=True) == data[0]["prompt"]
     trainer.train()
+
+
+
+# ------------------------------------------------------------------ the many-answer task
+def test_between_task_has_many_correct_answers_and_checks_them():
+    from llm_entreg.tasks import correct_answers, is_correct, sample_answer
+    from llm_entreg.tasks.data import Problem
+
+    spec = TaskSpec(task="between")
+    splits = make_splits(spec, seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2183, "validation": 256, "test": 256}
+    assert not {p.prompt for p in splits["train"]} & {p.prompt for p in splits["test"]}
+    for p in splits["test"][:20]:
+        x, y = (int(v) for v in p.prompt[:-1].split("<?<"))
+        assert 6 <= y - x <= 40 and correct_answers(p.prompt) == [str(z) for z in range(x + 1, y)]
+        assert is_correct(p.prompt, p.answer) and solve(p.prompt) == p.answer
+    assert is_correct("12<?<47=", " 30 ") and not is_correct("12<?<47=", "47") and not is_correct("12<?<47=", "12")
+    assert not is_correct("12<?<47=", "030") and not is_correct("12<?<47=", "3a")
+    assert is_correct("3+4=", "7") and not is_correct("3+4=", "8") and is_correct("x=", "1") is None
+    rng = random.Random(0)
+    drawn = {sample_answer(Problem("between", "10<?<14=", "12"), rng) for _ in range(200)}
+    assert drawn == {"11", "12", "13"}  # uniform over all of them, not the stored one
+
+
+def test_between_datasets_and_rewards():
+    data = build_datasets(TaskSpec(task="between"), seed=0, n_preference=64, n_prompts=64)
+    completions = list(data.sft["train"]["completion"])
+    assert len(set(completions)) > 20  # drawn answers, not one per prompt
+    pref = data.preference["train"]
+    rewards = correctness_reward(pref["prompt"], pref["chosen"])
+    assert rewards == [1.0] * len(pref)
+    assert correctness_reward(pref["prompt"], pref["rejected"]) == [0.0] * len(pref)
+    assert format_reward(["12<?<47="], ["30"]) == [1.0]
