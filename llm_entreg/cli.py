@@ -1,9 +1,11 @@
 """``llm-entreg``: parse, build, launch. No math here.
 
-    llm-entreg train RECIPE.yaml [key=value ...] [--real] [--resume [CKPT]] [--accelerate-config NAME]
+    llm-entreg train RECIPE [key=value ...] [--field value ...] [--real] [--resume | --resume=CKPT]
+                     [--accelerate-config NAME]
+    llm-entreg train --config RECIPE.yaml --learning_rate 1e-5          (TRL's habits)
+    llm-entreg fields ALGORITHM [FILTER]                                  (every recipe key and trainer field)
     llm-entreg bench [--quick] [bench options]
-    llm-entreg sweep RECIPE_OR_SWEEP.yaml [key=value ...] [--entropy-coef LIST | --log-range A:B --points N]
-                     [--schedules LIST] [--seeds LIST] [--out DIR] [--workers N] [--storage URL] [--study-name NAME]
+    llm-entreg sweep RECIPE_OR_SWEEP.yaml [key=value ...] [--entropy-coef LIST | --log-range A:B --points N] ...
     accelerate launch --config_file configs/cpu_ddp_2proc.yaml -m llm_entreg train RECIPE.yaml
 
 RECIPE is a YAML file or the name of a shipped recipe (``dpo_entropy``); NAME a config file or a shipped config.
@@ -12,50 +14,116 @@ RECIPE is a YAML file or the name of a shipped recipe (``dpo_entropy``); NAME a 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 
+from .launch import PREEMPTED_EXIT
 
-def _train(args, raw: list[str]) -> int:
-    if args.accelerate_config:
-        from .launch import LaunchError, relaunch, resolve_accelerate_config
+#: ``llm-entreg train``'s own options; every other ``--name [value]`` is a recipe key (TRL's CLI habit).
+_TRAIN_OPTIONS_WITH_VALUE = ("--accelerate-config", "--config")
+_TRAIN_FLAGS = ("--real", "-h", "--help")
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
-        try:
-            config = resolve_accelerate_config(args.accelerate_config)
-        except LaunchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        forwarded, skip = [], False
-        for item in raw:  # drop "--accelerate-config NAME" / "--accelerate-config=NAME"; forward the rest
-            if skip:
-                skip = False
-            elif item == "--accelerate-config":
-                skip = True
-            elif not item.startswith("--accelerate-config="):
-                forwarded.append(item)
-        return relaunch(config, ["train", *forwarded], log=lambda line: print(line, flush=True))
 
+def split_train_argv(argv: list[str]) -> tuple[list[str], list[str], object]:
+    """Split ``train``'s arguments into (argparse's, recipe overrides, resume). ``--key value``, ``--key=value`` and
+    a bare ``--flag`` (true) become ``key=value`` overrides, in order with the positional ones; ``--resume`` is a
+    flag (the newest complete checkpoint) and takes a path only as ``--resume=PATH``."""
+    own, overrides, resume = [], [], None
+    i = 0
+    while i < len(argv):
+        item = argv[i]
+        name = item.split("=", 1)[0]
+        if item == "--resume":
+            resume = True
+        elif item.startswith("--resume="):
+            resume = item.split("=", 1)[1]
+        elif name in _TRAIN_OPTIONS_WITH_VALUE:
+            own.append(item)
+            if "=" not in item and i + 1 < len(argv):
+                own.append(argv[i + 1])
+                i += 1
+        elif item in _TRAIN_FLAGS:
+            own.append(item)
+        elif item.startswith("--") and len(item) > 2:
+            key = name[2:].replace("-", "_")
+            if "=" in item:
+                value = item.split("=", 1)[1]
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--") and not _OVERRIDE.match(argv[i + 1]):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"
+            overrides.append(f"{key}={value}")
+        elif _OVERRIDE.match(item) and not os.path.exists(item):  # key=value (a file named a=b stays a recipe)
+            overrides.append(item)
+        else:
+            own.append(item)
+        i += 1
+    return own, overrides, resume
+
+
+def _train(argv: list[str]) -> int:
+    own, overrides, resume = split_train_argv(argv)
+    args = build_train_parser().parse_args(own)
+    recipe_name = args.config or args.recipe
+    if args.config and args.recipe:
+        print(f"error: give the recipe once: --config {args.config} or {args.recipe}", file=sys.stderr)
+        return 2
+    if not recipe_name:
+        build_train_parser().print_usage(sys.stderr)
+        print("error: a recipe is required (a YAML file or a shipped name; see `llm-entreg train --help`)",
+              file=sys.stderr)
+        return 2
+    from .launch import LaunchError, check_single_process_launch
+
+    try:
+        check_single_process_launch()
+        if args.accelerate_config:
+            return _relaunch(args.accelerate_config, argv)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from .recipes import RecipeError, load_recipe
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides, real=args.real)
+        recipe = load_recipe(recipe_name, overrides, real=args.real)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .run import format_summary, run
+    from .checkpoints import CheckpointError
+    from .run import Preempted, RunError, format_summary, run
     from .trainers import NonFiniteLossError
 
-    resume = args.resume
-    if resume == "last":
-        resume = True
     try:
         summary = run(recipe, resume_from_checkpoint=resume)
-    except (NonFiniteLossError, FileNotFoundError, ValueError) as exc:
+    except Preempted as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(exc), file=sys.stderr)
+        return PREEMPTED_EXIT
+    except (RunError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
     return 0
+
+
+def _relaunch(name: str, argv: list[str]) -> int:
+    from .launch import relaunch, resolve_accelerate_config
+
+    config = resolve_accelerate_config(name)
+    forwarded, skip = [], False
+    for item in argv:  # drop "--accelerate-config NAME" / "--accelerate-config=NAME"; forward the rest
+        if skip:
+            skip = False
+        elif item == "--accelerate-config":
+            skip = True
+        elif not item.startswith("--accelerate-config="):
+            forwarded.append(item)
+    return relaunch(config, ["train", *forwarded], log=lambda line: print(line, flush=True))
 
 
 def _bench(rest: list[str]) -> int:
@@ -64,23 +132,76 @@ def _bench(rest: list[str]) -> int:
     return bench_main(rest)
 
 
+def _train_epilog() -> str:
+    from .launch import CONFIG_ALIASES, shipped_configs
+    from .recipes import SECTIONS, algorithm_names, packaged_recipes
+
+    sections = ", ".join(SECTIONS)
+    return (
+        f"recipe sections: {sections}\n"
+        "  key=value and --key value set a trainer field (entropy_coef=0.01, --learning_rate 1e-5) or a section key\n"
+        "  (evaluation.num_prompts=100). Every key, its type, default and help:\n"
+        f"    llm-entreg fields ALGORITHM    (ALGORITHM: {', '.join(algorithm_names())})\n"
+        f"shipped recipes: {', '.join(sorted(packaged_recipes()))}\n"
+        f"accelerate configs: {', '.join(sorted(shipped_configs()))}; TRL's names {', '.join(CONFIG_ALIASES)}\n"
+        "resume: --resume continues from the newest complete checkpoint in output_dir (an incomplete one is skipped,\n"
+        "  and said so); --resume=PATH or trainer.resume_from_checkpoint=PATH from that one. A second run into a used\n"
+        "  output_dir stops unless it resumes or sets overwrite_output_dir=true. SIGTERM saves a checkpoint at the\n"
+        f"  next step and exits with status {PREEMPTED_EXIT}. See docs/recipes.md."
+    )
+
+
 def build_train_parser() -> argparse.ArgumentParser:
-    train = argparse.ArgumentParser(prog="llm-entreg train", description="train a recipe (DPO with an entropy bonus, ...)")
-    train.add_argument("recipe", help="YAML recipe, e.g. recipes/dpo_entropy.yaml, or a shipped recipe's name")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. entropy_coef=0.01 max_steps=20")
+    train = argparse.ArgumentParser(
+        prog="llm-entreg train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_train_epilog(),
+        usage="llm-entreg train RECIPE [key=value ...] [--key value ...] [--real] [--resume | --resume=CKPT] "
+              "[--accelerate-config NAME]",
+        description="train a recipe (DPO with an entropy bonus, GRPO, PPO, ...)")
+    train.add_argument("recipe", nargs="?", default=None,
+                       help="YAML recipe, e.g. recipes/dpo_entropy.yaml, or a shipped recipe's name")
+    train.add_argument("--config", default=None, metavar="RECIPE", help="the recipe, TRL style (instead of RECIPE)")
     train.add_argument("--real", action="store_true", help="switch to the recipe's real model/dataset ids")
-    train.add_argument("--resume", nargs="?", const="last", default=None,
-                       help="resume from CKPT, or from the last checkpoint in output_dir")
-    train.add_argument("--accelerate-config", default=None,
+    train.add_argument("--resume", action="store_true",
+                       help="resume from the newest complete checkpoint in output_dir; --resume=CKPT from CKPT")
+    train.add_argument("--accelerate-config", default=None, metavar="NAME",
                        help="launch through `accelerate launch` with a shipped config NAME (or a path)")
     return train
+
+
+def _fields(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llm-entreg fields",
+                                     description="every recipe key and trainer field: type, default, help")
+    parser.add_argument("algorithm", help="dpo, grpo, ppo, ...")
+    parser.add_argument("filter", nargs="?", default=None, help="only names containing this, e.g. entropy")
+    args = parser.parse_args(argv)
+    from .fields import field_table
+    from .recipes import SECTIONS, RecipeError, config_class
+
+    try:
+        rows = field_table(config_class(args.algorithm))
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for section, keys in SECTIONS.items():
+        if isinstance(keys, dict):
+            for key, default in keys.items():
+                if not args.filter or args.filter in f"{section}.{key}":
+                    print(f"{section}.{key} = {default!r}")
+    for row in rows:
+        if args.filter and args.filter not in row["name"]:
+            continue
+        choices = f" {tuple(row['choices'])}" if row["choices"] else ""
+        print(f"trainer.{row['name']}: {row['type']}{choices} = {row['default']!r}")
+        if row["help"]:
+            print(f"    {row['help']}")
+    return 0
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
     sweep = argparse.ArgumentParser(
         prog="llm-entreg sweep",
-        description="sweep the entropy coefficient β (x schedule x seed) over a recipe; pick β on validation "
-        "reward, ties broken by validation NLL. See docs/sweep.md.",
+        description="sweep the entropy coefficient β (x schedule x seed) over a recipe; every configuration gets a "
+        "95% interval over seeds and held-out prompts, and the pick must beat β = 0 beyond it. See docs/sweep.md.",
     )
     sweep.add_argument("recipe", help="a recipe (recipes/dpo_entropy.yaml) or a sweep spec (recipes/sweep_beta.yaml)")
     sweep.add_argument("overrides", nargs="*", help="key=value overrides applied to every trial, e.g. max_steps=60")
@@ -95,7 +216,9 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                       "(default: the recipe's own)")
     axes.add_argument("--end-ratio", type=float, default=None,
                       help="decaying schedules go from β to β x END_RATIO (default 0.01)")
-    axes.add_argument("--seeds", default=None, metavar="LIST", help="seeds, e.g. 0,1 (default: the recipe's seed)")
+    axes.add_argument("--seeds", default=None, metavar="LIST",
+                      help="seeds, e.g. 0,1,2 (default: the spec's; for the embedded default the recipe's seed and the "
+                      "next two; else the recipe's seed)")
     where = sweep.add_argument_group("where and how")
     where.add_argument("--out", default=None, help="sweep directory (default runs/sweep_<recipe stem>)")
     where.add_argument("--real", action="store_true", help="switch the base recipe to its real model/dataset ids")
@@ -132,7 +255,10 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     pick.add_argument("--commit-min-gain", type=float, default=None,
                       help="... and validation reward gained less than this (default 0.01)")
     pick.add_argument("--tie-tolerance", type=float, default=None,
-                      help="rewards within this of the best tie; ties go to the lowest NLL (default 0)")
+                      help="configurations within this of the best tie; ties go to the lowest NLL (default 0)")
+    pick.add_argument("--pick-metric", default=None, metavar="METRIC",
+                      help="what the pick maximises: reward (validation reward, default), pass@K (e.g. pass@16) or "
+                      "nll (minimised); the pick must beat β = 0 beyond its 95%% interval")
     return sweep
 
 
@@ -144,7 +270,7 @@ def _sweep(argv: list[str]) -> int:
                    heartbeat=args.heartbeat, threads=args.threads, accelerate_config=args.accelerate_config, keep_checkpoints=args.keep_checkpoints or None,
                    trial_fn=args.trial_fn or (DRY_RUN_TRIAL_FN if args.dry_run else None),
                    progress=False if args.no_progress else None, plots=False if args.no_plots else None,
-                   real=args.real)
+                   real=args.real, pick_metric=args.pick_metric)
     out = args.out
     if args.dry_run and out is None:
         from .sweep.spec import default_out_dir
@@ -173,26 +299,44 @@ def _sweep(argv: list[str]) -> int:
     print(f"{result.n_complete}/{len(result.rows)} trial(s) complete, {result.n_failed} failed -> {config.out_dir}")
     if result.best:
         best = result.best
-        nll = f", NLL {best['val_nll']:.4g}" if best.get("val_nll") is not None else ""
-        print(f"pick: β = {format_coef(best['entropy_coef'])} ({best['schedule']}): validation reward "
-              f"{best['val_reward']:.4g}{nll} — {best['reason']} (best.json)")
+        lo, hi = best["ci95"]
+        verdict = ("beyond noise" if best["significant"] else "NOT beyond noise: no β beat β = 0 beyond its interval"
+                   if best.get("baseline") else "no β = 0 run to compare with")
+        print(f"pick ({best['metric']}): β = {format_coef(best['entropy_coef'])} ({best['schedule']}): "
+              f"{best['mean']:.4g} [95% {lo:.4g}, {hi:.4g}] over seeds {best['seeds']} — {verdict}; "
+              f"{best['reason']} (best.json)")
     else:
-        print("pick: none (no trial finished with a validation reward)")
+        print("pick: none (no trial finished with the pick metric)")
     return 0 if result.n_failed == 0 and result.n_complete == len(result.rows) else 1
 
 
-COMMANDS = {"train": "train a recipe", "bench": "benchmark the fused log-prob + entropy ops",
+COMMANDS = {"train": "train a recipe", "fields": "list every recipe key and trainer field of an algorithm",
+            "bench": "benchmark the fused log-prob + entropy ops",
             "sweep": "sweep the entropy coefficient β and pick it on validation reward / NLL"}
+
+
+def _version() -> str:
+    from . import __version__
+    from .utils import package_version
+
+    deps = ", ".join(f"{name} {package_version(name)}" for name in ("trl", "transformers", "accelerate", "torch"))
+    return f"llm-entreg {__version__} ({deps})"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: llm-entreg {train,bench,sweep} ...\n" + "".join(f"  {k:6} {v}\n" for k, v in COMMANDS.items())
-        print(usage, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout, end="")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "bench":
-        return _bench(argv[1:])
-    if argv[0] == "sweep":
-        return _sweep(argv[1:])
-    return _train(build_train_parser().parse_intermixed_args(argv[1:]), argv[1:])
+    usage = "usage: llm-entreg [--version] {train,fields,bench,sweep} ...\n" + "".join(
+        f"  {k:6} {v}\n" for k, v in COMMANDS.items())
+    if argv and argv[0] == "--version":
+        print(_version())
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        match = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"; did you mean {match[0]!r}?" if match else ""
+        print(f"llm-entreg: unknown command {argv[0]!r}{hint}\n{usage}", end="", file=sys.stderr)
+        return 2
+    command = {"train": _train, "fields": _fields, "bench": _bench, "sweep": _sweep}[argv[0]]
+    return command(argv[1:])

@@ -33,7 +33,8 @@ SECTIONS = {
         "max_eval_samples": None,
         "task": "add",
     },
-    "evaluation": {"held_out": True, "num_prompts": 200, "split": "test", "max_new_tokens": 8},
+    "evaluation": {"held_out": True, "num_prompts": 200, "split": "test", "max_new_tokens": 8, "num_samples": 16,
+                   "curve_every": None, "curve_prompts": 64},
     # GRPO/PPO: reward functions by name (the embedded task's: correctness, format, partial_credit) or as
     # "package.module:function" import paths, with optional weights
     "rewards": {"funcs": ["correctness"], "weights": None, "reward_model": None},
@@ -181,10 +182,61 @@ def validate(recipe: dict, source: str = "recipe") -> dict:
     for key in trainer:
         if key not in fields:
             raise RecipeError(f"{source}: trainer.{key}: unknown key{_closest(key, fields)}")
-    out["trainer"] = trainer
+    out["trainer"] = _typed_trainer(algorithm, trainer, source)
     if recipe.get("real_model") is not None:
         out["real_model"] = recipe["real_model"]
     return out
+
+
+def _typed_trainer(algorithm: str, trainer: dict, source: str) -> dict:
+    """The trainer section with every value converted to its field's type (``resume_from_checkpoint`` also takes
+    ``true``: the newest checkpoint in ``output_dir``, as in TRL's scripts)."""
+    from .fields import FieldTypeError, check_fields
+
+    resume = trainer.get("resume_from_checkpoint")
+    if isinstance(resume, bool) or str(resume).lower() in ("true", "false", "latest", "last"):
+        trainer["resume_from_checkpoint"] = str(resume).lower() in ("true", "latest", "last") or None
+    elif resume is not None and not isinstance(resume, str):
+        raise RecipeError(f"{source}: trainer.resume_from_checkpoint: expected a checkpoint directory or true, "
+                          f"got {resume!r}")
+    typed = {k: v for k, v in trainer.items() if k != "resume_from_checkpoint"}
+    try:
+        typed = check_fields(config_class(algorithm), typed)
+    except FieldTypeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    if "resume_from_checkpoint" in trainer:
+        typed["resume_from_checkpoint"] = trainer["resume_from_checkpoint"]
+    deepspeed = typed.get("deepspeed")
+    if isinstance(deepspeed, str) and not os.path.isfile(os.path.expanduser(deepspeed)):
+        raise RecipeError(f"{source}: trainer.deepspeed: {deepspeed!r} is not a file (a DeepSpeed JSON config)")
+    return typed
+
+
+def trainer_arguments(recipe: dict) -> dict:
+    """The keyword arguments of the recipe's trainer config (the recipe's seed unless the trainer sets one; no
+    logger unless ``report_to`` names one)."""
+    args = {k: v for k, v in recipe["trainer"].items() if k != "resume_from_checkpoint"}
+    args.setdefault("seed", recipe["seed"])
+    args.setdefault("report_to", [])
+    return args
+
+
+#: Settings that depend on the machine, not the recipe: left out of the early check (a ``--real`` recipe loads on a
+#: CPU-only machine, e.g. to dispatch a sweep to GPU workers); the run checks them when it builds its trainer.
+MACHINE_SETTINGS = {"use_cpu": True, "bf16": False, "fp16": False, "tf32": None, "deepspeed": None}
+
+
+def check_trainer_config(recipe: dict, source: str) -> None:
+    """Build the recipe's trainer config once, so that every value the config itself checks (a negative
+    entropy_coef, an unknown loss type, ...) fails here, before any model loads."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real construction, later, shows them once
+        try:
+            config_class(recipe["algorithm"])(**{**trainer_arguments(recipe), **MACHINE_SETTINGS})
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"{source}: trainer: {exc}") from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), real: bool = False) -> dict:
@@ -210,4 +262,5 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     recipe = validate(raw, str(path))
     recipe["trainer"].setdefault("output_dir", os.path.join("runs", path.stem))
     recipe["source"] = str(path)
+    check_trainer_config(recipe, str(path))
     return recipe

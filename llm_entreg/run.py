@@ -1,7 +1,7 @@
 """Build a run from a validated recipe (model, data, trainer), train it, and write the run's record.
 
 The output directory gets ``metrics.jsonl`` (every logged step), ``curves.png`` (loss, entropy, coefficient and
-reward curves), ``summary.json`` and the trainer's own checkpoints. No math here.
+reward curves), ``summary.json`` and the trainer's own checkpoints. Resume, overwrite and SIGTERM: lifecycle.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .lifecycle import (
+    Preempted, RunError, StopOnSignal, changed_settings, clear_run, resolve_resume, resumed_step, run_contents,
+    trim_metrics,
+)
 from .utils import torch_threads
+
+__all__ = ["Preempted", "RunError", "build", "format_summary", "held_out_metrics", "make_trainer", "run"]
 
 # TRL's DPOTrainer also takes the "implicit prompt" format (the prompt inside chosen/rejected), so prompt is optional
 PREFERENCE_COLUMNS = ("chosen", "rejected")
@@ -204,30 +210,59 @@ def build(recipe: dict, log=print) -> dict[str, Any]:
     return pieces
 
 
-def held_out_metrics(recipe: dict, pieces: dict, model) -> dict[str, float] | None:
+def held_out_metrics(recipe: dict, pieces: dict, model, reference=None, num_prompts: int | None = None,
+                     num_samples: int | None = None) -> dict | None:
+    """The embedded default's held-out evaluation of ``model`` (None without one); with ``reference``, also the KL
+    of the policy to it on the sampled tokens."""
     ev = recipe["evaluation"]
     if not ev.get("held_out") or pieces["default"] is None:
         return None
     default = pieces["default"]
-    problems = default.problems(ev["split"])[: int(ev["num_prompts"])]
+    problems = default.problems(ev["split"])[: int(num_prompts or ev["num_prompts"])]
     from .tasks import evaluate
 
     was_training = model.training
     metrics = evaluate(model, default.tokenizer, problems, reward_funcs=default.reward_funcs,
                        reward_weights=default.reward_weights, max_new_tokens=int(ev["max_new_tokens"]),
-                       seed=recipe["seed"])
+                       num_samples=int(num_samples or ev["num_samples"]), seed=recipe["seed"], reference=reference)
     model.train(was_training)
     return metrics
+
+
+class HeldOutCurve(TrainerCallback):
+    """Every ``evaluation.curve_every`` optimizer steps, the held-out pass@k, distinct correct answers, entropy and KL
+    to the starting policy on ``evaluation.curve_prompts`` prompts, appended to ``metrics.jsonl`` as ``held_out/*``
+    records (every rank evaluates, so sharded models work; the main process writes)."""
+
+    def __init__(self, recipe: dict, pieces: dict, path: Path, reference):
+        self.recipe, self.pieces, self.path, self.reference = recipe, pieces, Path(path), reference
+        self.every = int(recipe["evaluation"].get("curve_every") or 0)
+        self.trainer = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.every or state.global_step % self.every or self.trainer is None:
+            return
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        ev = self.recipe["evaluation"]
+        m = held_out_metrics(self.recipe, self.pieces, model, self.reference, ev["curve_prompts"], ev["num_samples"])
+        if m is None or not state.is_world_process_zero:
+            return
+        record = {"step": state.global_step, **{f"held_out/pass@{k}": v for k, v in m.get("pass_at_k", {}).items()}}
+        for key in ("entropy", "distinct_correct", "reward", "kl_to_reference"):
+            if key in m:
+                record[f"held_out/{key}"] = m[key]
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def make_trainer(recipe: dict, pieces: dict, callbacks=()):
     """The recipe's trainer (from :data:`llm_entreg.trainers.ALGORITHMS`) on the pieces :func:`build` resolved."""
     from .trainers import ALGORITHMS
 
+    from .recipes import trainer_arguments
+
     algorithm = ALGORITHMS[recipe["algorithm"]]
-    trainer_args = dict(recipe["trainer"])
-    trainer_args.setdefault("seed", recipe["seed"])
-    trainer_args.setdefault("report_to", [])
+    trainer_args = trainer_arguments(recipe)
     inputs = {"model": pieces["model"], "args": None, "train_dataset": pieces["train"], "eval_dataset": pieces["eval"],
               "processing_class": pieces["tokenizer"], "callbacks": list(callbacks)}
     if algorithm.inputs == "rewards":
@@ -240,38 +275,81 @@ def make_trainer(recipe: dict, pieces: dict, callbacks=()):
     return algorithm.trainer(**inputs)
 
 
-def run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict[str, Any]:
-    """Train the recipe end to end. Returns the summary (also written to ``summary.json``)."""
+def run(recipe: dict, resume_from_checkpoint=None, log=print, callbacks=()) -> dict[str, Any]:
+    """Train the recipe end to end. Returns the summary (also written to ``summary.json``).
+
+    ``resume_from_checkpoint``: None (the recipe's ``trainer.resume_from_checkpoint``, else a new run), True (the
+    newest complete checkpoint in ``output_dir``) or a checkpoint directory. Raises :class:`Preempted` after SIGTERM
+    (a complete checkpoint was saved) and :class:`RunError` for a used ``output_dir`` or nothing to resume.
+    """
     # The embedded model is ~165k parameters: its matmuls are too small to gain from threads, and on a busy machine
     # extra threads cost 10-30x (measured by the sweep; docs/benchmarks.md)
-    with torch_threads(1 if recipe["model"]["name_or_path"] == "embedded" else None):
-        return _run(recipe, resume_from_checkpoint, log)
+    with torch_threads(1 if recipe["model"]["name_or_path"] == "embedded" else None), StopOnSignal() as stopper:
+        return _run(recipe, resume_from_checkpoint, log, stopper, list(callbacks))
 
 
-def _run(recipe: dict, resume_from_checkpoint, log) -> dict[str, Any]:
+def _start_record(recipe: dict, out_dir: Path, checkpoint: str | None, replaced: list[str], log) -> None:
+    """Main process: clear an overwritten run, note changed settings on resume, write the resolved recipe and trim
+    ``metrics.jsonl`` to the resumed step."""
+    if replaced:
+        clear_run(out_dir, replaced, log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = out_dir / "recipe.resolved.yaml"
+    step = resumed_step(checkpoint)
+    if checkpoint is not None and resolved.exists():
+        import yaml
+
+        changes = changed_settings(yaml.safe_load(resolved.read_text()) or {}, _plain(recipe))
+        if changes:
+            kept = out_dir / f"recipe.resolved.until-step-{step}.yaml"
+            resolved.replace(kept)
+            log(f"resume: settings changed since the checkpoint (the earlier ones: {kept.name}):\n  "
+                + "\n  ".join(changes))
+    resolved.write_text(_dump_yaml(recipe))
+    if step is not None:
+        dropped = trim_metrics(out_dir / "metrics.jsonl", step)
+        if dropped:
+            log(f"resume: metrics.jsonl: dropped {dropped} record(s) logged after step {step}")
+
+
+def _run(recipe: dict, resume_from_checkpoint, log, stopper: StopOnSignal, callbacks: list) -> dict[str, Any]:
     out_dir = Path(recipe["trainer"]["output_dir"])
+    requested = resume_from_checkpoint
+    if requested is None:
+        requested = recipe["trainer"].get("resume_from_checkpoint")  # TRL's field, as `trl dpo` honours it
+    checkpoint = resolve_resume(out_dir, requested, log)
+    replaced = run_contents(out_dir) if checkpoint is None else []
+    if replaced and not recipe["trainer"].get("overwrite_output_dir"):
+        shown = ", ".join(replaced[:6]) + (", ..." if len(replaced) > 6 else "")
+        raise RunError(f"output_dir {out_dir} already holds a run ({shown}); continue it with --resume, replace "
+                       "it with overwrite_output_dir=true, or choose another output_dir=...")
     pieces = build(recipe, log=log)
+    embedded_model = recipe["model"]["name_or_path"] == "embedded" and recipe["evaluation"].get("held_out")
+    start = pieces["default"].load_model() if embedded_model else None  # the policy before training (for its KL)
     before = held_out_metrics(recipe, pieces, pieces["model"])
     metrics_path = out_dir / "metrics.jsonl"
-    trainer = make_trainer(recipe, pieces, callbacks=[MetricsWriter(metrics_path)])
+    curve = HeldOutCurve(recipe, pieces, metrics_path, start)
+    trainer = make_trainer(recipe, pieces, callbacks=[MetricsWriter(metrics_path), curve, stopper, *callbacks])
+    curve.trainer = stopper.trainer = trainer
+    trainer.accelerator.wait_for_everyone()  # every rank checked output_dir before the main one writes to it
     if trainer.is_world_process_zero():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.resolved.yaml").write_text(_dump_yaml(recipe))
-        if resume_from_checkpoint is None and metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh record
+        _start_record(recipe, out_dir, checkpoint, replaced, log)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - t0
+    if stopper.stopped_at is not None:
+        raise Preempted(stopper.stopped_at, str(out_dir / f"checkpoint-{stopper.stopped_at}"))
     trainer.save_model(str(out_dir / "final"))
-    after = held_out_metrics(recipe, pieces, trainer.model)
+    after = held_out_metrics(recipe, pieces, trainer.accelerator.unwrap_model(trainer.model), start)
     history = [r for r in trainer.state.log_history if "loss" in r]
     summary = {
         "recipe": recipe.get("source"),
         "algorithm": recipe["algorithm"],
         "steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
+        "resumed_from": checkpoint,
         "entropy_coef": recipe["trainer"].get("entropy_coef", 0.0),
-        "train": _curve_summary(history),
+        "train": curve_summary(history),
         "held_out_before": before,
         "held_out_after": after,
         "output_dir": str(out_dir),
@@ -280,45 +358,70 @@ def _run(recipe: dict, resume_from_checkpoint, log) -> dict[str, Any]:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from .plots import plot_training_curves
 
-        plot_training_curves(history, out_dir / "curves.png", title=Path(recipe.get("source") or "run").stem)
+        records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        plot_training_curves([r for r in records if "loss" in r], out_dir / "curves.png",
+                             title=Path(recipe.get("source") or "run").stem, algorithm=recipe["algorithm"],
+                             held_out_curve=[r for r in records if any(k.startswith("held_out/") for k in r)],
+                             before=before, after=after)
     return summary
 
 
-def _curve_summary(history: list[dict]) -> dict[str, Any]:
-    def first_last(key):
-        values = [r[key] for r in history if key in r]
-        return (values[0], values[-1]) if values else (None, None)
+#: Logged keys the summary reports, with their labels.
+SUMMARY_KEYS = {
+    "entropy": "entropy (train, nats/token)", "loss": "loss", "entropy_coef": "entropy coefficient",
+    "rewards/accuracies": "DPO reward accuracy", "rewards/margins": "DPO reward margin",
+    "rewards/chosen": "DPO implicit reward, chosen (β·log π/π_ref)", "logps/chosen": "log-prob of chosen",
+    "reward": "mean reward (train)", "kl": "KL to reference (train)", "value_loss": "critic value loss",
+    "explained_variance": "critic explained variance",
+}
 
+
+def curve_summary(history: list[dict], window: float = 0.2) -> dict[str, Any]:
+    """For each logged key: the mean over the first and the last ``window`` fraction of its logged steps (at
+    least one record each), so one noisy step does not stand for the run."""
     out = {}
-    for key in ("loss", "entropy", "entropy_coef", "rewards/accuracies", "rewards/margins", "rewards/chosen",
-                "logps/chosen", "reward", "kl", "value_loss", "explained_variance"):
-        start, end = first_last(key)
-        if start is not None:
-            out[key] = {"start": start, "end": end}
+    for key in SUMMARY_KEYS:
+        values = [float(r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        if not values:
+            continue
+        n = max(1, round(window * len(values)))
+        out[key] = {"first": sum(values[:n]) / n, "last": sum(values[-n:]) / n, "n_window": n,
+                    "n_logged": len(values)}
     return out
+
+
+def _plain(recipe: dict) -> dict:
+    return {k: v for k, v in recipe.items() if k != "real_model"}
 
 
 def _dump_yaml(recipe: dict) -> str:
     import yaml
 
-    return yaml.safe_dump({k: v for k, v in recipe.items() if k != "real_model"}, sort_keys=False)
+    return yaml.safe_dump(_plain(recipe), sort_keys=False)
 
 
 def format_summary(summary: dict) -> str:
     lines = [f"done: {summary['steps']} steps in {summary['train_seconds']} s -> {summary['output_dir']}"]
     train = summary["train"]
-    for key, label in (("entropy", "entropy (train, nats/token)"), ("loss", "loss"),
-                       ("rewards/accuracies", "DPO reward accuracy"), ("rewards/margins", "DPO reward margin"),
-                       ("reward", "mean reward (train)"), ("kl", "KL to reference (train)"),
-                       ("explained_variance", "critic explained variance")):
-        if key in train:
-            lines.append(f"  {label}: {train[key]['start']:.4g} -> {train[key]['end']:.4g}")
-    if "rewards/chosen" in train and "logps/chosen" in train:
-        lines.append(f"  implicit KL proxy (β·log π/π_ref on chosen): {train['rewards/chosen']['end']:.4g}")
+    if train:
+        n = max(part["n_window"] for part in train.values())
+        lines.append(f"  training curves, mean of the first -> last {n} logged step(s) (20% windows):")
+    for key, label in SUMMARY_KEYS.items():
+        if key in train and key != "logps/chosen":
+            lines.append(f"    {label}: {train[key]['first']:.4g} -> {train[key]['last']:.4g}")
     before, after = summary.get("held_out_before"), summary.get("held_out_after")
     if before and after:
-        for key, label in (("accuracy", "held-out accuracy (greedy)"), ("sampled_accuracy", "held-out accuracy (sampled)"),
-                           ("entropy", "held-out policy entropy (sampled tokens)"), ("nll", "held-out NLL of correct answers")):
+        lines.append("  held-out prompts, before -> after:")
+        for key, label in (("accuracy", "accuracy (greedy)"), ("sampled_accuracy", "accuracy (sampled)"),
+                           ("entropy", "policy entropy (sampled tokens)"), ("nll", "NLL of correct answers"),
+                           ("distinct_correct", "distinct correct answers per prompt")):
             if key in before and key in after:
-                lines.append(f"  {label}: {before[key]:.4g} -> {after[key]:.4g}")
+                lines.append(f"    {label}: {before[key]:.4g} -> {after[key]:.4g}")
+        for k in after.get("pass_at_k", {}):
+            if k in before.get("pass_at_k", {}):
+                n = int(after.get("num_samples", 0))
+                lines.append(f"    pass@{k} ({n} samples per prompt): {before['pass_at_k'][k]:.4g} -> "
+                             f"{after['pass_at_k'][k]:.4g}")
+        if "kl_to_reference" in after:
+            lines.append(f"    KL to the starting policy (sampled tokens): {after['kl_to_reference']:.4g}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ recipe algorithm names that the CLI, the recipes and the run use. The math lives
 import warnings
 from dataclasses import dataclass
 
-from .config import EntropyRegularizationArguments, FusedLossArguments
+from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
 from .critic import ValueHead
 from .dpo import EntropyDPOConfig, EntropyDPOTrainer
 from .grpo import EntropyGRPOConfig, EntropyGRPOTrainer
@@ -57,5 +57,6 @@ __all__ = [
     "EntropyRegularizationMixin",
     "FusedLossArguments",
     "NonFiniteLossError",
+    "RunArguments",
     "ValueHead",
 ]

@@ -112,6 +112,17 @@ class EntropyRegularizationArguments:
 
 
 @dataclass
+class RunArguments:
+    """Run-level fields of our configs that TrainingArguments (transformers 5) no longer has."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds one, deleting its run files and checkpoints "
+                  "(other files stay). Default False: such a run stops with an error unless it resumes."},
+    )
+
+
+@dataclass
 class FusedLossArguments:
     """``fused_loss``: the policy loss's gradient formed inside the LM head's forward (GRPO and PPO configs)."""
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..checkpoints import load_state_file
+
 VALUE_STATE_FILE = "llm_entreg_value.pt"
 
 
@@ -124,8 +126,8 @@ class Critic:
         path = os.path.join(folder, VALUE_STATE_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: missing; a PPO checkpoint holds the critic and its optimizer")
+        state = load_state_file(path, "critic state")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
             self.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"{path}: corrupt or incompatible critic state ({exc})") from exc

@@ -13,14 +13,14 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as trl_dpo_module
 
-from .config import EntropyRegularizationArguments
+from .config import EntropyRegularizationArguments, RunArguments
 from .mixin import EntropyRegularizationMixin
 
 ENTROPY_ON = ("chosen", "rejected", "both")
 
 
 @dataclass
-class EntropyDPOConfig(EntropyRegularizationArguments, DPOConfig):
+class EntropyDPOConfig(EntropyRegularizationArguments, RunArguments, DPOConfig):
     """``trl.DPOConfig`` plus the entropy-bonus fields (see :class:`EntropyRegularizationArguments`).
 
     Extra field:

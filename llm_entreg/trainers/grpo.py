@@ -15,12 +15,12 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer import grpo_trainer as trl_grpo_module
 
-from .config import EntropyRegularizationArguments, FusedLossArguments
+from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
 from .fused_policy import FusedPolicyLossMixin
 from .mixin import EntropyRegularizationMixin
 
 @dataclass
-class EntropyGRPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
+class EntropyGRPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunArguments, GRPOConfig):
     """``trl.GRPOConfig`` whose entropy fields are ours (see :class:`EntropyRegularizationArguments`).
 
     ``entropy_coef``, ``entropy_target``, ``entropy_coef_min/max/delta`` keep TRL's names but drive our

@@ -7,7 +7,6 @@ entropy term and the clipped value loss. The pipeline and every coefficient: doc
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,14 +15,14 @@ from trl.trainer import grpo_trainer as trl_grpo_module
 
 from ..losses import explained_variance, gae, token_rewards, value_loss, whiten
 from ..regularizers import AdaptiveKLController, FixedKLController, kl_penalty
-from .config import EntropyRegularizationArguments, FusedLossArguments
+from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
 from .critic import Critic, CriticStepCallback, value_head_from_policy
 from .fused_policy import FusedPolicyLossMixin
 from .mixin import EntropyRegularizationMixin
 
 
 @dataclass
-class EntropyPPOConfig(FusedLossArguments, EntropyRegularizationArguments, GRPOConfig):
+class EntropyPPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunArguments, GRPOConfig):
     """``trl.GRPOConfig`` (generation, rewards, clipping, epochs) plus the critic, the KL penalty and our entropy
     fields.
 
@@ -242,11 +241,9 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTr
         return loss
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            self.critic.save(folder, {"kl_controller": self.kl_controller.state_dict()})
+    def _save_extra_state(self, folder: str) -> None:
+        super()._save_extra_state(folder)
+        self.critic.save(folder, {"kl_controller": self.kl_controller.state_dict()})
 
     def _entropy_load_state(self, checkpoint: str) -> None:
         super()._entropy_load_state(checkpoint)

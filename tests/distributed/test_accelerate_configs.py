@@ -23,9 +23,9 @@ def test_the_documented_configs_exist():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_config_resolves_by_name_and_parses(name):
-    path = launch.resolve_accelerate_config(name)
+    path = launch.resolve_accelerate_config(name, gpus=8)
     assert path.resolve() == (CONFIGS / f"{name}.yaml").resolve()
-    assert launch.resolve_accelerate_config(f"{name}.yaml") == path
+    assert launch.resolve_accelerate_config(f"{name}.yaml", gpus=8) == path
     config = load_config_from_file(str(path))
     raw = yaml.safe_load(path.read_text())
     # Precision follows the recipe's bf16/fp16 (TrainingArguments), never the launcher
@@ -51,7 +51,16 @@ def test_unknown_name_lists_the_known_ones():
 @pytest.mark.parametrize("name", CPU_TWO_PROCESS)
 def test_train_relaunches_through_accelerate(name, monkeypatch):
     calls = []
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+
+    class Launched:
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+            self.pid = -1
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Launched)
     assert cli.main(["train", "recipes/dpo_entropy.yaml", "max_steps=2", "--accelerate-config", name,
                      "entropy_coef=0.1"]) == 0
     (cmd,) = calls

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_sweep_trials_run_on_two_processes(tmp_path):
     out = tmp_path / "sweep"
     code = main(["sweep", str(ROOT / "recipes" / "dpo_entropy.yaml"), "--entropy-coef", "0,0.1",
-                 "--accelerate-config", "cpu_ddp_2proc", "--out", str(out), "--no-progress", "--no-plots",
+                 "--accelerate-config", "cpu_ddp_2proc", "--out", str(out), "--no-progress", "--no-plots", "--seeds", "0",
                  "max_steps=2", "logging_steps=1", "save_strategy=no", "evaluation.num_prompts=8"])
     assert code == 0
     trials = sorted((out / "trials").iterdir())

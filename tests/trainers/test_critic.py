@@ -89,7 +89,27 @@ def test_save_and_load_round_trip_and_a_corrupt_file_is_named(tmp_path):
     assert state["kl_controller"] == {"value": 0.3}
     assert other.model.head.bias.item() == 1.25
     (tmp_path / VALUE_STATE_FILE).write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=VALUE_STATE_FILE + ": corrupt or incompatible critic state"):
+    with pytest.raises(ValueError, match=VALUE_STATE_FILE + ": corrupt critic state"):
         other.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match=VALUE_STATE_FILE + ": missing"):
         other.load(str(tmp_path / "nowhere"))
+
+
+class _Payload:
+    """Unpickling this would create a file: the stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_state_file_carrying_a_pickled_payload_is_refused_unrun(tmp_path):
+    critic = Critic(ValueHead(_Backbone(), 4), _accelerator(), lr=0.1, weight_decay=0.0, max_grad_norm=0.0)
+    witness = tmp_path / "payload_ran"
+    torch.save({**critic.state_dict(), "kl_controller": {"value": 0.3}, "extra": _Payload(witness)},
+               tmp_path / VALUE_STATE_FILE)
+    with pytest.raises(ValueError, match=VALUE_STATE_FILE + ": refused: the critic state holds more than tensors"):
+        critic.load(str(tmp_path))
+    assert not witness.exists()

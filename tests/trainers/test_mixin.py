@@ -182,11 +182,15 @@ def test_corrupt_or_missing_state_file_is_a_clear_error(tmp_path):
     ckpt = tmp_path / "checkpoint-2"
     state = ckpt / STATE_FILE
     before = sorted(p.name for p in ckpt.iterdir())
+    good = state.read_bytes()
+    state.write_bytes(b"x" * len(good))  # same size: only reading it back can tell
+    with pytest.raises(ValueError, match=STATE_FILE + ": unreadable"):
+        run(_recipe(tmp_path, *common, "max_steps=4"), resume_from_checkpoint=str(ckpt), log=lambda *a: None)
     state.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=STATE_FILE + ": corrupt"):
+    with pytest.raises(ValueError, match=STATE_FILE + r": 16 bytes, the checkpoint recorded \d+: truncated"):
         run(_recipe(tmp_path, *common, "max_steps=4"), resume_from_checkpoint=str(ckpt), log=lambda *a: None)
     state.unlink()
-    with pytest.raises(FileNotFoundError, match=STATE_FILE + ": missing"):
+    with pytest.raises(ValueError, match=STATE_FILE + ": missing"):
         run(_recipe(tmp_path, *common, "max_steps=4"), resume_from_checkpoint=str(ckpt), log=lambda *a: None)
     assert sorted(p.name for p in ckpt.iterdir()) == [n for n in before if n != STATE_FILE]  # nothing overwritten
 
