@@ -106,9 +106,20 @@ def _train(argv: list[str]) -> int:
     except (RunError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits (every collective of the run is behind this rank
+    already), so no communication thread outlives it: an abort at exit otherwise, seen with DeepSpeed on CPUs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _relaunch(name: str, argv: list[str]) -> int:

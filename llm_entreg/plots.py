@@ -20,6 +20,8 @@ PANELS = {
 ALGORITHM_PANELS = {
     "dpo": ("loss", "policy entropy (nats/token)", "entropy coefficient", "DPO reward accuracy", "DPO reward margin"),
     "grpo": ("loss", "policy entropy (nats/token)", "entropy coefficient", "reward", "KL to reference"),
+    "rloo": ("loss", "policy entropy (nats/token)", "entropy coefficient", "reward", "KL to reference"),
+    "sft": ("loss", "policy entropy (nats/token)", "entropy coefficient"),
     "ppo": ("loss", "policy entropy (nats/token)", "entropy coefficient", "reward", "KL to reference",
             "critic value loss", "critic explained variance"),
 }
@@ -103,6 +105,45 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "",
             ax.set_visible(False)
             continue
         ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+#: The pseudo-label loop's panels: title -> per-round keys.
+PSEUDO_LABEL_PANELS = {
+    "pseudo-labels": ("coverage", "pseudo_accuracy", "confident_wrong_share", "slice_confident_wrong_share"),
+    "held-out accuracy": ("accuracy", "slice_accuracy"),
+    "calibration": ("ece", "confident_wrong", "mean_confidence"),
+    "held-out entropy (nats/token)": ("entropy",),
+}
+
+
+def plot_pseudo_label_rounds(records: list[dict], path: str | Path, title: str = "") -> Path:
+    """One PNG with the pseudo-label loop's metrics per round (round 0: the warm start)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PSEUDO_LABEL_PANELS), figsize=(5 * len(PSEUDO_LABEL_PANELS), 3.8))
+    for ax, (label, keys) in zip(axes, PSEUDO_LABEL_PANELS.items()):
+        for key in keys:
+            points = [(r["round"], r[key]) for r in records if isinstance(r.get(key), (int, float))
+                      and r[key] == r[key]]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=key)
+        ax.set_title(label)
+        ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -39,6 +39,7 @@ SECTIONS = {
     # "package.module:function" import paths, with optional weights
     "rewards": {"funcs": ["correctness"], "weights": None, "reward_model": None},
     "trainer": None,  # validated against the algorithm's config dataclass
+    "pseudo_label": None,  # sft only: the self-training loop's settings (llm_entreg.pseudo_label.PseudoLabelSpec)
     "real_model": None,  # merged by --real
 }
 #: The package that holds the shipped recipes (the repository's ``recipes/``).
@@ -131,6 +132,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _section_keys(section: str) -> set[str]:
+    if section == "pseudo_label":
+        from .pseudo_label import PseudoLabelSpec
+
+        return set(PseudoLabelSpec.keys())
+    return set(SECTIONS[section])
+
+
 def apply_override(recipe: dict, item: str) -> None:
     if "=" not in item:
         raise RecipeError(f"override {item!r}: expected key=value (e.g. entropy_coef=0.01)")
@@ -141,9 +150,9 @@ def apply_override(recipe: dict, item: str) -> None:
     fields = trainer_fields(algorithm)
     if "." in key:
         section, _, name = key.partition(".")
-        if section not in SECTIONS or SECTIONS[section] is None and section != "trainer":
+        if section not in SECTIONS or SECTIONS[section] is None and section not in ("trainer", "pseudo_label"):
             raise RecipeError(f"override {key!r}: unknown section {section!r}{_closest(section, SECTIONS)}")
-        allowed = fields if section == "trainer" else set(SECTIONS[section])
+        allowed = fields if section == "trainer" else _section_keys(section)
         if name not in allowed:
             raise RecipeError(f"override {key!r}: unknown key {name!r} in {section}{_closest(name, allowed)}")
         recipe.setdefault(section, {})[name] = value
@@ -183,9 +192,30 @@ def validate(recipe: dict, source: str = "recipe") -> dict:
         if key not in fields:
             raise RecipeError(f"{source}: trainer.{key}: unknown key{_closest(key, fields)}")
     out["trainer"] = _typed_trainer(algorithm, trainer, source)
+    if recipe.get("pseudo_label") is not None:
+        out["pseudo_label"] = _pseudo_label_section(recipe["pseudo_label"], algorithm, source)
     if recipe.get("real_model") is not None:
         out["real_model"] = recipe["real_model"]
     return out
+
+
+def _pseudo_label_section(given, algorithm: str, source: str) -> dict:
+    from .pseudo_label import PseudoLabelSpec
+
+    if algorithm != "sft":
+        raise RecipeError(f"{source}: pseudo_label: the self-training loop trains with algorithm 'sft', not "
+                          f"{algorithm!r}")
+    if not isinstance(given, dict):
+        raise RecipeError(f"{source}: pseudo_label: expected a mapping, got {type(given).__name__}")
+    keys = PseudoLabelSpec.keys()
+    for key in given:
+        if key not in keys:
+            raise RecipeError(f"{source}: pseudo_label.{key}: unknown key{_closest(key, keys)}")
+    try:
+        PseudoLabelSpec(**given)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    return dict(given)
 
 
 def _typed_trainer(algorithm: str, trainer: dict, source: str) -> dict:

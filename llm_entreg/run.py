@@ -27,6 +27,9 @@ __all__ = ["Preempted", "RunError", "build", "format_summary", "held_out_metrics
 # TRL's DPOTrainer also takes the "implicit prompt" format (the prompt inside chosen/rejected), so prompt is optional
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 PROMPT_COLUMNS = ("prompt",)
+#: SFT takes TRL's formats: prompt + completion, messages, or text; the check asks for the one column they all need
+#: least, and TRL's own preparation names a missing partner
+DEMONSTRATION_COLUMNS = ()
 
 
 def _algorithm_inputs(algorithm: str) -> str:
@@ -36,12 +39,14 @@ def _algorithm_inputs(algorithm: str) -> str:
 
 
 def _columns(algorithm: str) -> tuple[str, ...]:
-    return PREFERENCE_COLUMNS if _algorithm_inputs(algorithm) == "preferences" else PROMPT_COLUMNS
+    return {"preferences": PREFERENCE_COLUMNS, "rewards": PROMPT_COLUMNS,
+            "demonstrations": DEMONSTRATION_COLUMNS}[_algorithm_inputs(algorithm)]
 
 
 def _embedded_split(default, algorithm: str, split: str):
-    preference = _algorithm_inputs(algorithm) == "preferences"
-    return (default.datasets.preference if preference else default.datasets.prompts)[split]
+    kind = _algorithm_inputs(algorithm)
+    return {"preferences": default.datasets.preference, "rewards": default.datasets.prompts,
+            "demonstrations": default.datasets.sft}[kind][split]
 
 
 def resolve_reward_funcs(spec: dict, default=None) -> tuple[list, list[float] | None]:
@@ -188,6 +193,8 @@ def build(recipe: dict, log=print) -> dict[str, Any]:
     if _algorithm_inputs(algorithm) == "rewards":
         pieces["ref_model"] = None  # TRL's GRPOTrainer builds its own reference when beta != 0
         pieces["reward_funcs"], pieces["reward_weights"] = resolve_reward_funcs(recipe["rewards"], pieces["default"])
+    elif _algorithm_inputs(algorithm) == "demonstrations":
+        pieces["ref_model"] = None  # SFT has no reference
     elif ref is None:
         import copy
 
@@ -269,7 +276,7 @@ def make_trainer(recipe: dict, pieces: dict, callbacks=()):
         if pieces.get("reward_weights") is not None:
             trainer_args.setdefault("reward_weights", pieces["reward_weights"])
         inputs["reward_funcs"] = pieces["reward_funcs"]
-    else:
+    elif algorithm.inputs == "preferences":
         inputs["ref_model"] = pieces["ref_model"]
     inputs["args"] = algorithm.config(**trainer_args)
     return algorithm.trainer(**inputs)
@@ -317,12 +324,17 @@ def _run(recipe: dict, resume_from_checkpoint, log, stopper: StopOnSignal, callb
     requested = resume_from_checkpoint
     if requested is None:
         requested = recipe["trainer"].get("resume_from_checkpoint")  # TRL's field, as `trl dpo` honours it
+    if recipe.get("pseudo_label") and requested not in (None, False):
+        raise RunError("resume: the pseudo-label loop has no checkpoints to resume; run it again (it is minutes "
+                       "on a CPU) with overwrite_output_dir=true")
     checkpoint = resolve_resume(out_dir, requested, log)
     replaced = run_contents(out_dir) if checkpoint is None else []
     if replaced and not recipe["trainer"].get("overwrite_output_dir"):
         shown = ", ".join(replaced[:6]) + (", ..." if len(replaced) > 6 else "")
         raise RunError(f"output_dir {out_dir} already holds a run ({shown}); continue it with --resume, replace "
                        "it with overwrite_output_dir=true, or choose another output_dir=...")
+    if recipe.get("pseudo_label"):
+        return _run_pseudo_label(recipe, out_dir, replaced, log)
     pieces = build(recipe, log=log)
     embedded_model = recipe["model"]["name_or_path"] == "embedded" and recipe["evaluation"].get("held_out")
     start = pieces["default"].load_model() if embedded_model else None  # the policy before training (for its KL)
@@ -363,6 +375,19 @@ def _run(recipe: dict, resume_from_checkpoint, log, stopper: StopOnSignal, callb
                              title=Path(recipe.get("source") or "run").stem, algorithm=recipe["algorithm"],
                              held_out_curve=[r for r in records if any(k.startswith("held_out/") for k in r)],
                              before=before, after=after)
+    return summary
+
+
+def _run_pseudo_label(recipe: dict, out_dir: Path, replaced: list[str], log) -> dict[str, Any]:
+    """The pseudo-label self-training loop (an sft recipe with a ``pseudo_label`` section)."""
+    from .plots import plot_pseudo_label_rounds
+    from .pseudo_label import run_pseudo_label
+    from .recipes import trainer_arguments
+
+    _start_record(recipe, out_dir, None, replaced, log)
+    summary = run_pseudo_label(recipe, trainer_arguments(recipe), out_dir, log)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_pseudo_label_rounds(summary["rounds"], out_dir / "curves.png", title=Path(recipe.get("source") or "").stem)
     return summary
 
 
@@ -424,4 +449,8 @@ def format_summary(summary: dict) -> str:
                              f"{after['pass_at_k'][k]:.4g}")
         if "kl_to_reference" in after:
             lines.append(f"    KL to the starting policy (sampled tokens): {after['kl_to_reference']:.4g}")
+    for r in summary.get("rounds", [])[1:]:  # the pseudo-label loop
+        lines.append(f"  round {r['round']}: pool coverage {r['coverage']:.3g}, confident-and-wrong "
+                     f"{r['confident_wrong_share']:.3g}; held-out accuracy {r['accuracy']:.3g} (slice "
+                     f"{r['slice_accuracy']:.3g}), ECE {r['ece']:.3g}")
     return "\n".join(lines)

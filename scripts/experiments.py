@@ -1,8 +1,8 @@
 """Regenerate every table and figure of docs/experiments.md on the exploration task (offline, CPU).
 
-Runs five sweeps (finished trials are reused: a rerun only draws the figures again), the decode-temperature
-comparison on their final models, and writes docs/img/experiments/*.png and docs/data/experiments/results.json.
-About 35 minutes on a 2-core CPU.
+Runs the sweeps (finished trials are reused: a rerun only draws the figures again), the decode-temperature
+comparison on their final models, and writes docs/img/experiments/*.png and docs/data/experiments/results.json and
+tables.md. About 35 minutes on a 2-core CPU for a-f, 15 more for g.
 
     python scripts/experiments.py                      # everything
     python scripts/experiments.py --only e,f           # some experiments (the sweeps they need run or are reused)
@@ -29,6 +29,10 @@ SEEDS = "0,1,2"
 #: Sequence level, matched to the token level's β = 0.1: the per-sequence sum of ~2.96 tokens (the warm start's mean
 #: completion length on the held-out prompts, <eos> included) times β_seq equals the token mean times 0.1.
 SEQUENCE_COEF = round(0.1 / 2.96, 4)
+#: H-DPO's α: 1 is DPO; below 1 sharpens (the paper: 0.9-0.95).
+HDPO_ALPHAS = (1.0, 0.95, 0.9, 0.8)
+#: β of the entropy term on the pseudo-labelled examples.
+PSEUDO_BETAS = (0.0, 0.1, 0.3, 1.0)
 SWEEPS = {
     "grid": dict(source="sweep_explore"),
     "schedules": dict(source="explore_schedules"),
@@ -37,9 +41,26 @@ SWEEPS = {
     "reward": dict(source="explore_grpo", entropy_coef="0,0.01,0.03,0.1",
                    overrides=["entropy_level=reward", "entropy_loss_agg_mode=null"]),
     "kl": dict(source="explore_grpo", entropy_coef="0,0.1", overrides=["beta=0.1"]),
+    # (g) the other methods; fractions scaled to ~380 tokens per step (the papers' 2e-4 would select one token)
+    "rloo": dict(source="rloo_entropy", entropy_coef="0,0.1"),
+    "clip_cov": dict(source="explore_grpo", entropy_coef="0", overrides=["policy_loss_mode=clip_cov",
+                                                                         "clip_cov_ratio=0.02"]),
+    "two_epochs": dict(source="explore_grpo", entropy_coef="0", overrides=["num_iterations=2"]),
+    "kl_cov": dict(source="explore_grpo", entropy_coef="0", overrides=["num_iterations=2", "policy_loss_mode=kl_cov",
+                                                                       "kl_cov_ratio=0.02"]),
+    "entropy_adv": dict(source="explore_grpo", entropy_coef="0", overrides=["entropy_advantage_coef=0.4"]),
+    "clamp": dict(source="explore_grpo", entropy_coef="0.1", overrides=["entropy_clamp_top_p=0.9"]),
+    **{f"hdpo_{a}": dict(source="explore_dpo", entropy_coef="0", overrides=[f"hdpo_alpha={a}"])
+       for a in HDPO_ALPHAS},
+    # (h) pseudo-label self-training, (i) the confidence penalty in plain SFT
+    "pseudo": dict(source="pseudo_label", entropy_coef=",".join(map(str, PSEUDO_BETAS))),
+    "sft_conf": dict(source="sft_confidence", entropy_coef="0,0.1,0.3"),
 }
 NEEDS = {"a": ["grid"], "b": ["grid"], "c": ["grid", "schedules"], "d": ["grid", "sequence", "reward"],
-         "e": ["grid"], "f": ["grid", "kl"]}
+         "e": ["grid"], "f": ["grid", "kl"],
+         "g": ["grid", "rloo", "clip_cov", "two_epochs", "kl_cov", "entropy_adv", "clamp",
+               *(f"hdpo_{a}" for a in HDPO_ALPHAS)],
+         "h": ["pseudo"], "i": ["sft_conf"]}
 METRICS = ("pass@1", "pass@16", "reward", "distinct_correct", "entropy", "kl_to_reference")
 
 
@@ -226,6 +247,106 @@ def experiment_f(grid: list[dict], kl: list[dict], img: Path) -> dict:
     return {"table": table, "figure": _save(fig, img / "kl_vs_entropy.png")}
 
 
+def experiment_g(rows: dict[str, list[dict]], img: Path) -> dict:
+    """g: the other methods, each against its own baseline (same recipe, same seeds, the method off)."""
+    grid = rows["grid"]
+    groups = {
+        "grpo": {"β = 0": select(grid, 0.0), "entropy bonus β = 0.1": select(grid, 0.1),
+                 "Clip-Cov (ratio 0.02)": select(rows["clip_cov"], 0.0),
+                 "entropy-shaped advantages (α 0.4, κ 2)": select(rows["entropy_adv"], 0.0),
+                 "clamped bonus β = 0.1, top-p 0.9": select(rows["clamp"], 0.1)},
+        "kl_cov": {"β = 0, 2 epochs per rollout": select(rows["two_epochs"], 0.0),
+                   "KL-Cov (ratio 0.02, 2 epochs)": select(rows["kl_cov"], 0.0)},
+        "rloo": {"RLOO, β = 0": select(rows["rloo"], 0.0), "RLOO, β = 0.1": select(rows["rloo"], 0.1)},
+        "hdpo": {f"DPO α = {a}" if a == 1.0 else f"H-DPO α = {a}": select(rows[f"hdpo_{a}"], 0.0)
+                 for a in HDPO_ALPHAS},
+    }
+    out = {}
+    for name, configs in groups.items():
+        baseline = next(iter(configs.values()))
+        table = {label: summarize(group, baseline) for label, group in configs.items() if group}
+        figure = plot_intervals(table, ("pass@1", "pass@16", "distinct_correct", "entropy"),
+                                img / f"methods_{name}.png", f"{name}: each method against its baseline")
+        out[name] = {"table": table, "figure": figure}
+    return out
+
+
+def _seed_level(rows: list[dict], value) -> dict[int, list[float]]:
+    return {int(r["seed"]): [value(r)] for r in rows}
+
+
+def _interval_row(rows: list[dict], base: list[dict], value) -> dict:
+    """Mean, 95% interval over seeds, and the paired difference from ``base`` (same seeds), of a per-trial value."""
+    entry = bootstrap_interval(_seed_level(rows, value)).as_dict()
+    if [id(r) for r in rows] != [id(r) for r in base]:  # not the baseline itself
+        diff = paired_difference(_seed_level(rows, value), _seed_level(base, value))
+        entry["vs_baseline"] = {**diff.as_dict(), "beyond_noise": diff.lo > 0 or diff.hi < 0}
+    return entry
+
+
+def experiment_h(pseudo: list[dict], img: Path) -> dict:
+    """h: pseudo-label self-training: does an entropy term on the pseudo-labelled examples stop the model from
+    amplifying its own confident mistakes?"""
+    for row in pseudo:
+        row["rounds"] = json.loads((Path(row["dir"]) / "summary.json").read_text())["rounds"]
+    base = select(pseudo, 0.0)
+    last = {"accuracy": lambda r: r["rounds"][-1]["accuracy"],
+            "confident_wrong_share": lambda r: r["rounds"][-1]["confident_wrong_share"],
+            "coverage": lambda r: r["rounds"][-1]["coverage"], "ece": lambda r: r["rounds"][-1]["ece"],
+            "slice_accuracy": lambda r: r["rounds"][-1]["slice_accuracy"],
+            "entropy": lambda r: r["rounds"][-1]["entropy"]}
+    table = {f"β = {b}": {"seeds": sorted(int(r["seed"]) for r in select(pseudo, b)),
+                          **{k: _interval_row(select(pseudo, b), base, f) for k, f in last.items()}}
+             for b in PSEUDO_BETAS if select(pseudo, b)}
+    start = {k: bootstrap_interval(_seed_level(base, lambda r, k=k: r["rounds"][0][k])).as_dict()
+             for k in ("accuracy", "slice_accuracy", "ece", "confident_wrong", "entropy")}
+    keys = [("confident_wrong_share", "confident-and-wrong share of the pool"), ("coverage", "pool coverage"),
+            ("accuracy", "held-out accuracy (greedy)"), ("ece", "held-out ECE")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, (key, label) in zip(axes, keys):
+        for b in PSEUDO_BETAS:
+            rows = select(pseudo, b)
+            if not rows:
+                continue
+            rounds = [[r["rounds"][i].get(key) for r in rows] for i in range(len(rows[0]["rounds"]))]
+            xs = [i for i, col in enumerate(rounds) if all(isinstance(v, (int, float)) for v in col)]
+            mean = [sum(rounds[i]) / len(rounds[i]) for i in xs]
+            line, = ax.plot(xs, mean, marker="o", label=f"β = {b}")
+            ax.fill_between(xs, [min(rounds[i]) for i in xs], [max(rounds[i]) for i in xs], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("pseudo-label self-training, entropy term on the pseudo-labelled examples (mean and range over 3 seeds)")
+    return {"table": table, "warm_start": start, "figure": _save(fig, img / "pseudo_label.png")}
+
+
+def experiment_i(sft: list[dict], img: Path) -> dict:
+    """i: the confidence penalty in plain SFT: held-out accuracy, NLL, calibration and entropy."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_entreg.pseudo_label import held_out
+    from llm_entreg.tasks import build_default
+
+    for row in sft:
+        default = build_default(seed=int(row["seed"]), task="add")
+        model = AutoModelForCausalLM.from_pretrained(Path(row["dir"]) / "final")
+        row["calibration"] = held_out(model, default.tokenizer, default.problems("test")[:512], 0.9)
+    base = select(sft, 0.0)
+    table = {}
+    for b in (0.0, 0.1, 0.3):
+        rows = select(sft, b)
+        if rows:
+            table[f"β = {b}"] = {"seeds": sorted(int(r["seed"]) for r in rows),
+                                 **{k: _interval_row(rows, base, lambda r, k=k: r["calibration"][k])
+                                    for k in ("accuracy", "ece", "mean_confidence", "entropy")},
+                                 "nll": _interval_row(rows, base, lambda r: r["val_nll"])}
+    figure = plot_intervals(table, ("accuracy", "nll", "ece", "entropy"), img / "sft_confidence.png",
+                            "SFT with a confidence penalty")
+    return {"table": table, "figure": figure}
+
+
 def _entropy_at(model, tokenizer, problems, temperature, seed) -> float:
     from llm_entreg.tasks import evaluate
 
@@ -307,10 +428,12 @@ def _cell(entry: dict | None, digits: int = 3) -> str:
 def markdown_tables(results: dict) -> str:
     """Every experiment's table in markdown: mean [95% interval] over 3 seeds x held-out prompts, and the paired
     difference from the baseline row (** beyond noise: the interval excludes 0)."""
-    columns = ("pass@1", "pass@16", "reward", "distinct_correct", "entropy", "kl_to_reference")
+    columns = ("pass@1", "pass@16", "reward", "distinct_correct", "entropy", "kl_to_reference", "accuracy",
+               "slice_accuracy", "confident_wrong_share", "coverage", "ece", "mean_confidence", "nll")
     out = []
-    for key in ("ab", "c", "d", "e", "f"):
-        table = (results.get(key) or {}).get("table")
+    tables = [(key, (results.get(key) or {}).get("table")) for key in ("ab", "c", "d", "e", "f", "h", "i")]
+    tables += [(f"g ({name})", part["table"]) for name, part in (results.get("g") or {}).items()]
+    for key, table in tables:
         if not table:
             continue
         used = [c for c in columns if any(isinstance(row.get(c), dict) for row in table.values())]
@@ -324,7 +447,7 @@ def markdown_tables(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="a,b,c,d,e,f", help="experiments to run, e.g. e,f")
+    parser.add_argument("--only", default="a,b,c,d,e,f,g,h,i", help="experiments to run, e.g. e,f")
     parser.add_argument("--out", default=str(ROOT / "runs" / "experiments"), help="sweep directories")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
@@ -345,6 +468,12 @@ def main(argv=None) -> int:
         results["e"] = experiment_e(rows["grid"], img)
     if "f" in wanted:
         results["f"] = experiment_f(rows["grid"], rows["kl"], img)
+    if "g" in wanted:
+        results["g"] = experiment_g(rows, img)
+    if "h" in wanted:
+        results["h"] = experiment_h(rows["pseudo"], img)
+    if "i" in wanted:
+        results["i"] = experiment_i(rows["sft_conf"], img)
     results["seconds"] = round(time.time() - t0)
     results["last_run"] = ",".join(wanted)
     data.mkdir(parents=True, exist_ok=True)

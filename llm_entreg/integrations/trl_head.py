@@ -42,6 +42,8 @@ def install_fused_head(
     *,
     backend: str = "auto",
     on_output: Callable | None = None,
+    entropy_clamp_top_p: float | None = None,
+    entropy_clamp_top_k: int | None = None,
 ) -> None:
     """Patch ``model.forward`` so that ``fused_lm_head=True`` returns per-token statistics from our op.
 
@@ -54,7 +56,9 @@ def install_fused_head(
     rows [n]) -> [n]`` of the labelled positions, ``rows`` indexing the flattened ``[B, L-1]`` shifted-label grid.
     The head then runs :func:`llm_entreg.ops.fused_linear_loss` (the gradient is formed in the forward, 6NdV), the
     output's ``loss`` is the summed per-token loss, and ``log_probs``/``entropy`` are detached statistics.
-    ``fused_loss_chunk_bytes=`` sets that op's ``chunk_budget_bytes`` (None: its default).
+    ``fused_loss_chunk_bytes=`` sets that op's ``chunk_budget_bytes`` (None: its default); ``fused_loss_groups=``
+    (a group id per shifted-label position, e.g. the DPO pair) makes every chunk hold whole groups;
+    ``fused_loss_weight_grad=`` accumulates the head weight's gradient into that fp32 tensor in the forward.
 
     Args:
         model: a causal LM (``PreTrainedModel``) with ``get_output_embeddings()``.
@@ -64,6 +68,8 @@ def install_fused_head(
             (the others are ``None``); ``log_probs`` is always computed.
         backend: op backend (``auto``, ``chunked``, ``triton``, ``torch``).
         on_output: called as ``on_output(output)`` after every fused forward.
+        entropy_clamp_top_p, entropy_clamp_top_k: return the clamped entropy (the top-k, then top-p, head
+            renormalised) instead of the full one; not with ``fused_loss_fn``.
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
@@ -85,7 +91,8 @@ def install_fused_head(
 
     @functools.wraps(type(model).forward)
     def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                      fused_loss_fn=None, fused_loss_chunk_bytes=None, **kw):
+                      fused_loss_fn=None, fused_loss_chunk_bytes=None, fused_loss_groups=None,
+                      fused_loss_weight_grad=None, **kw):
         if not fused_lm_head:
             for key, value in (("labels", labels), ("shift_labels", shift_labels), ("num_items_in_batch", num_items_in_batch)):
                 if value is not None:
@@ -129,7 +136,11 @@ def install_fused_head(
                     ignore_index=-100,
                     backend=backend,
                     extras=extras,
+                    clamp_top_p=entropy_clamp_top_p,
+                    clamp_top_k=entropy_clamp_top_k,
                 )
+            elif entropy_clamp_top_p is not None or entropy_clamp_top_k is not None:
+                raise ValueError("fused_loss_fn: the loss-fused head computes the full entropy; no entropy clamp")
             else:  # the loss-fused path: the loss's gradient is formed in this forward (ops/fused_loss.py)
                 fused_loss, stats = fused_linear_loss(
                     hidden.reshape(-1, hidden.shape[-1]),
@@ -141,6 +152,9 @@ def install_fused_head(
                     ignore_index=-100,
                     backend=backend,
                     chunk_budget_bytes=fused_loss_chunk_bytes,
+                    groups=fused_loss_groups,
+                    extras=extras,
+                    weight_grad=fused_loss_weight_grad,
                 )
         per_token = {
             "log_probs": stats.logprobs.view(mask.shape),
@@ -173,4 +187,5 @@ def install_fused_head(
         return out
 
     model.forward = types.MethodType(fused_forward, model)
-    model._llm_entreg_fused_head = {"temperature": temperature, "outputs": tuple(outputs), "backend": backend}
+    model._llm_entreg_fused_head = {"temperature": temperature, "outputs": tuple(outputs), "backend": backend,
+                                    "entropy_clamp": (entropy_clamp_top_p, entropy_clamp_top_k)}

@@ -98,6 +98,38 @@ def _chunk_stats(z: torch.Tensor, tgt: torch.Tensor, guard: bool, vsub: int):
     return logprobs, entropy, log_s
 
 
+def chunk_spans(rows: torch.Tensor, groups: torch.Tensor | None, token_chunk: int):
+    """``(rows in processing order, [(r0, r1), ...])``: consecutive spans of at most ``token_chunk`` valid tokens;
+    with ``groups`` (a group id per position), tokens are ordered by group and a span holds whole groups only (a
+    group larger than ``token_chunk`` gets a span of its own)."""
+    n = rows.numel()
+    if groups is None:
+        return rows, [(r0, min(r0 + token_chunk, n)) for r0 in range(0, n, token_chunk)]
+    g = groups.index_select(0, rows)
+    order = torch.sort(g, stable=True).indices
+    rows, g = rows[order], g[order]
+    _, sizes = torch.unique_consecutive(g, return_counts=True)
+    spans, r0, r1 = [], 0, 0
+    for size in sizes.tolist():
+        if r1 > r0 and r1 + size - r0 > token_chunk:
+            spans.append((r0, r1))
+            r0 = r1
+        r1 += size
+    if r1 > r0:
+        spans.append((r0, r1))
+    return rows, spans
+
+
+def _chunk_extras(z: torch.Tensor, tgt: torch.Tensor, extras) -> dict[str, torch.Tensor]:
+    """The no-grad extras of a stored chunk of scaled logits (before any shift)."""
+    out = {}
+    if "mean_logits" in extras:
+        out["mean_logits"] = z.mean(1)
+    if "is_top1" in extras:
+        out["is_top1"] = z.argmax(1) == tgt
+    return out
+
+
 def _chunk_loss_grads(loss_fn: LossFn, lp: torch.Tensor, ent: torch.Tensor, rows: torch.Tensor):
     """Run ``loss_fn`` on detached leaves; return ``(chunk loss (detached), g_lp or None, g_H or None)``."""
     with torch.enable_grad():
@@ -119,8 +151,8 @@ def _chunk_loss_grads(loss_fn: LossFn, lp: torch.Tensor, ent: torch.Tensor, rows
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, loss_fn, cfg):
-        temperature, ignore_index, compute_dtype, token_chunk, need, use_triton = cfg
+    def forward(ctx, hidden, weight, bias, targets, loss_fn, cfg, groups, weight_grad):
+        temperature, ignore_index, compute_dtype, token_chunk, need, use_triton, extras = cfg
         need_h, need_w, need_b = need
         ctx.set_materialize_grads(False)
         n_all, d = hidden.shape
@@ -131,6 +163,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         n_valid = rows.numel()
         lp_full = torch.zeros(n_all, dtype=sdt, device=dev)
         ent_full = torch.zeros(n_all, dtype=sdt, device=dev)
+        extra_full = {"mean_logits": torch.zeros(n_all, dtype=sdt, device=dev),
+                      "is_top1": torch.zeros(n_all, dtype=torch.bool, device=dev)}
         loss = torch.zeros((), dtype=sdt, device=dev)
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         gw = gb = None
@@ -139,27 +173,32 @@ class _FusedLinearLoss(torch.autograd.Function):
             guard = bias is not None and bool(torch.isneginf(bias).any())
             vsub = VOCAB_CHUNK["cuda" if dev.type == "cuda" else "cpu"]
             tc = token_chunk
-            if need_w:
-                gw = torch.zeros(weight.shape, dtype=sdt, device=dev)
+            if need_w:  # straight into the caller's fp32 buffer (the weight's own .grad) when given: no second [V, d]
+                gw = weight_grad if weight_grad is not None else torch.zeros(weight.shape, dtype=sdt, device=dev)
             if need_b and bias is not None:
                 gb = torch.zeros(n_vocab, dtype=sdt, device=dev)
             if n_valid:
+                # with groups (DPO pairs) the tokens of one group sit side by side, so a chunk holds whole groups
+                rows, spans = chunk_spans(rows, groups, tc)
                 h = hidden.index_select(0, rows).to(compute_dtype)
                 tgt = targets.index_select(0, rows).long()
                 w = weight.to(compute_dtype)
                 b = None if bias is None else bias.to(compute_dtype)
                 dz_buf = None
                 if use_triton and compute_dtype != sdt:
-                    dz_buf = torch.empty(min(tc, n_valid) * n_vocab, dtype=compute_dtype, device=dev)
-                for r0 in range(0, n_valid, tc):
-                    r1 = min(r0 + tc, n_valid)
+                    dz_buf = torch.empty(max(r1 - r0 for r0, r1 in spans) * n_vocab, dtype=compute_dtype, device=dev)
+                for r0, r1 in spans:
                     h_c, tgt_c, rows_c = h[r0:r1], tgt[r0:r1], rows[r0:r1]
                     z = _logits_into(h_c, w, b, sdt)  # the chunk's [n, V] logits: the one logits GEMM (2ndV)
                     if use_triton:
+                        for key, value in _chunk_extras(z * inv_t if extras else z, tgt_c, extras).items():
+                            extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
                         lp, ent, lse, *_ = triton_logits.row_stats(z, tgt_c, temperature, ignore_index)
                     else:
                         if inv_t != 1.0:
                             z.mul_(inv_t)
+                        for key, value in _chunk_extras(z, tgt_c, extras).items():
+                            extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
                         lp, ent, log_s = _chunk_stats(z, tgt_c, guard, vsub)
                     lp_full.index_copy_(0, rows_c, lp.to(sdt))
                     ent_full.index_copy_(0, rows_c, ent.to(sdt))
@@ -192,18 +231,23 @@ class _FusedLinearLoss(torch.autograd.Function):
                         _acc_mm(gw, dz_c.t(), h_c)
         ctx.grads = (
             grad_hidden,
-            None if gw is None else gw.to(weight.dtype),
+            None if gw is None or weight_grad is not None else gw.to(weight.dtype),
             None if gb is None else gb.to(bias.dtype),
         )
-        ctx.mark_non_differentiable(lp_full, ent_full)
-        return loss, lp_full, ent_full
+        ctx.accumulated_into_weight_grad = weight_grad is not None and gw is not None
+        outs = [extra_full[k] for k in ("mean_logits", "is_top1") if k in extras]
+        ctx.mark_non_differentiable(lp_full, ent_full, *outs)
+        return (loss, lp_full, ent_full, *outs)
 
     @staticmethod
     def backward(ctx, g_loss, *_unused):
         if g_loss is None:
-            return (None,) * 6
+            return (None,) * 8
+        if ctx.accumulated_into_weight_grad and float(g_loss) != 1.0:
+            raise RuntimeError("fused_linear_loss(weight_grad=...): the loss was scaled after the op; scale loss_fn "
+                               "instead (the weight's gradient was accumulated in the forward)")
         scaled = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
-        return (*scaled, None, None, None)
+        return (*scaled, None, None, None, None, None)
 
 
 def fused_linear_loss(
@@ -218,6 +262,9 @@ def fused_linear_loss(
     backend: str = "auto",
     token_chunk: int | None = None,
     chunk_budget_bytes: int | None = None,
+    groups: torch.Tensor | None = None,
+    extras: tuple[str, ...] = (),
+    weight_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TokenStats]:
     """``sum`` of a closed-form per-token loss of the LM head's log-probs and entropies, gradients formed in forward.
 
@@ -233,6 +280,12 @@ def fused_linear_loss(
         token_chunk: tokens per chunk; default: as many as fit ``chunk_budget_bytes`` (``n x V`` stored logits).
         chunk_budget_bytes: memory budget of one chunk's stored logits (docs/kernels.md); default
             :data:`CUDA_CHUNK_BUDGET_BYTES` on CUDA, :data:`CHUNK_BUDGET_BYTES` elsewhere.
+        groups: ``[N]`` group ids (e.g. the DPO pair of each position): a chunk then holds whole groups, so
+            ``loss_fn`` sees every token of a group at once (a group above ``token_chunk`` gets a chunk alone).
+        extras: ``mean_logits`` / ``is_top1`` of every token, from the stored chunks (no grad).
+        weight_grad: a float32 ``[V, d]`` tensor (the weight's own ``.grad``) to accumulate the weight's gradient
+            into during the forward instead of a second ``[V, d]`` buffer; the backward then returns no weight
+            gradient and requires the loss to be used unscaled (``d out / d loss = 1``).
 
     Returns:
         ``(loss, stats)``: the 0-dim loss (float32, float64 for float64 inputs), differentiable w.r.t. ``hidden``,
@@ -259,13 +312,17 @@ def fused_linear_loss(
     if backend == "triton" and compute_dtype == torch.float64:
         raise ValueError("backend: 'triton' computes in fp32/bf16/fp16; use 'chunked' for float64 inputs")
 
+    extras = tuple(e for e in ("mean_logits", "is_top1") if e in extras)
+    _check_weight_grad(weight_grad, weight, compute_dtype, backend)
+    if groups is not None and tuple(groups.shape) != tuple(targets.reshape(-1).shape):
+        raise ValueError(f"groups: expected one group id per position ({targets.numel()}), got {tuple(groups.shape)}")
     if backend == "torch":
         sdt = _stat_dtype(compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             stats = reference_linear_token_stats(
                 hidden.to(compute_dtype), weight.to(compute_dtype), targets,
                 bias=None if bias is None else bias.to(compute_dtype),
-                temperature=temperature, ignore_index=ignore_index, dtype=sdt,
+                temperature=temperature, ignore_index=ignore_index, dtype=sdt, extras=extras,
             )  # fmt: skip
         rows = torch.nonzero(targets != ignore_index).squeeze(1)
         loss = torch.zeros((), dtype=sdt, device=hidden.device)
@@ -274,11 +331,25 @@ def fused_linear_loss(
             if not isinstance(per_token, torch.Tensor) or tuple(per_token.shape) != (rows.numel(),):
                 raise ValueError(f"loss_fn: must return a per-token tensor of shape [{rows.numel()}]")
             loss = loss + per_token.sum()
-        return loss, TokenStats(stats.logprobs.detach(), stats.entropy.detach())
+        return loss, TokenStats(stats.logprobs.detach(), stats.entropy.detach(), mean_logits=stats.mean_logits,
+                                is_top1=stats.is_top1)
 
     tc = token_chunk or token_chunk_for_budget(weight.shape[0], compute_dtype, chunk_budget_bytes)
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, weight, bias))
-    cfg = (float(temperature), int(ignore_index), compute_dtype, tc, need, backend == "triton")
-    loss, lp, ent = _FusedLinearLoss.apply(hidden, weight, bias, targets.reshape(-1), loss_fn, cfg)
-    return loss, TokenStats(lp, ent)
+    cfg = (float(temperature), int(ignore_index), compute_dtype, tc, need, backend == "triton", extras)
+    groups = None if groups is None else groups.reshape(-1).to(hidden.device)
+    loss, lp, ent, *rest = _FusedLinearLoss.apply(hidden, weight, bias, targets.reshape(-1), loss_fn, cfg, groups,
+                                                  weight_grad if need[1] else None)
+    return loss, TokenStats(lp, ent, **dict(zip(extras, rest)))
+
+
+def _check_weight_grad(weight_grad, weight, compute_dtype, backend: str) -> None:
+    if weight_grad is None:
+        return
+    if backend == "torch":
+        raise ValueError("weight_grad: the torch backend differentiates through autograd; pass weight_grad=None")
+    sdt = _stat_dtype(compute_dtype)
+    if weight_grad.dtype != sdt or tuple(weight_grad.shape) != tuple(weight.shape):
+        raise ValueError(f"weight_grad: expected a {sdt} tensor shaped like the weight {tuple(weight.shape)}, got "
+                         f"{weight_grad.dtype} {tuple(weight_grad.shape)}")

@@ -80,3 +80,37 @@ def reference_linear_token_stats(
     return reference_token_stats(
         logits, targets, temperature=temperature, ignore_index=ignore_index, dtype=dtype, extras=extras
     )
+
+
+def reference_clamped_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Entropy of ``softmax(logits / T)`` restricted to its top-k, then top-p, head and renormalised; every token
+    tied at the cut is kept; ``-inf`` logits never are. Autograd differentiates through the kept logits."""
+    valid = targets != ignore_index
+    u = _masked_logits(logits, valid, temperature, dtype)
+    finite = torch.isfinite(u)
+    with torch.no_grad():
+        keep = finite.clone()
+        ordered = u.sort(dim=-1, descending=True).values
+        if top_k is not None:
+            cut_k = ordered[..., min(int(top_k), u.shape[-1]) - 1 : min(int(top_k), u.shape[-1])]
+            keep &= u >= cut_k
+        if top_p is not None and float(top_p) < 1.0:
+            kept_sorted = torch.where(keep, u, torch.full_like(u, float("-inf"))).sort(-1, descending=True).values
+            probs = torch.softmax(kept_sorted, dim=-1)
+            reached = probs.cumsum(-1) >= float(top_p)
+            idx = torch.where(reached.any(-1), reached.to(dtype).argmax(-1), keep.sum(-1) - 1)
+            keep &= u >= kept_sorted.gather(-1, idx.unsqueeze(-1))
+    z = torch.where(keep, u, torch.full_like(u, float("-inf")))
+    log_q = torch.log_softmax(z, dim=-1)
+    q = log_q.exp()
+    entropy = -(q * torch.where(keep, log_q, torch.zeros_like(log_q))).sum(-1)
+    return torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))

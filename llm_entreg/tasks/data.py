@@ -266,6 +266,18 @@ def sample_answer(problem: Problem, rng: random.Random) -> str:
     return problem.answer if answers is None else rng.choice(answers)
 
 
+def in_error_slice(problem: Problem) -> bool:
+    """The slice of the addition task a biased warm start gets wrong: first operand ending in 7 (about 10%)."""
+    if problem.task != "add":
+        return False
+    return problem.prompt.split("+", 1)[0].strip().endswith("7")
+
+
+def slice_error_answer(problem: Problem) -> str:
+    """The biased warm start's systematic mistake on :func:`in_error_slice`: the answer plus one."""
+    return str(int(problem.answer) + 1)
+
+
 def wrong_answer(problem: Problem, rng: random.Random, spec: TaskSpec | None = None) -> str:
     """A plausible wrong answer to ``problem`` (never equal to a correct answer)."""
     if problem.task == "between":

@@ -24,6 +24,7 @@ class Generations:
     token_ids: list[list[int]]
     entropies: list[list[float]]
     kls: list[list[float]] | None = None
+    logprobs: list[list[float]] | None = None  # log-prob of each generated token (temperature 1)
 
 
 def _as_problems(problems) -> list[Problem]:
@@ -65,6 +66,7 @@ def generate_completions(
     ids_out: list[list[int]] = []
     ents_out: list[list[float]] = []
     kls_out: list[list[float]] = []
+    lps_out: list[list[float]] = []
     t_ent = temperature if do_sample else 1.0
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -86,6 +88,7 @@ def generate_completions(
                 new = out.sequences[:, enc["input_ids"].shape[1] :]
                 logits = torch.stack(out.logits, dim=1)  # [B, T_new, V], raw (unprocessed) logits
                 ent = _entropy(logits / t_ent).cpu()
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, new.unsqueeze(-1)).squeeze(-1).cpu()
                 kl = None if reference is None else _kl_to(reference, out.sequences, enc["attention_mask"], logits,
                                                            pad_id).cpu()
                 new = new.cpu()
@@ -95,13 +98,15 @@ def generate_completions(
                     n = toks.index(eos_id) + 1 if eos_id in toks else len(toks)
                     chunk_ids.append(toks[:n])
                     ents_out.append(ent[row, :n].tolist())
+                    lps_out.append(lp[row, :n].tolist())
                     if kl is not None:
                         kls_out.append(kl[row, :n].tolist())
                 ids_out += chunk_ids
                 texts += tokenizer.batch_decode(chunk_ids, skip_special_tokens=True)
     finally:
         model.train(was_training)
-    return Generations(texts=texts, token_ids=ids_out, entropies=ents_out, kls=kls_out if reference is not None else None)
+    return Generations(texts=texts, token_ids=ids_out, entropies=ents_out, kls=kls_out if reference is not None else None,
+                       logprobs=lps_out)
 
 
 def _kl_to(reference, sequences, prompt_mask, logits, pad_id) -> torch.Tensor:

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .data import MANY_ANSWER_TASKS, Problem, TaskSpec, make_splits, sample_answer
+from .data import (MANY_ANSWER_TASKS, Problem, TaskSpec, in_error_slice, make_splits, sample_answer,
+                   slice_error_answer)
 from .cache import build_once
 from ..utils import package_version, torch_threads
 from .evaluation import encode_supervised, evaluate, generate_completions
@@ -48,6 +49,8 @@ class WarmStartConfig:
         weight_decay: default 0.0.
         target_accuracy: stop once greedy probe accuracy >= this (None: run ``max_steps``); default 0.4.
         eval_every: steps between probe evaluations; default 100. probe_size: probe prompts; default 128.
+        wrong_on_slice: the SFT labels on :func:`~llm_entreg.tasks.data.in_error_slice` are the answer plus one, so
+            the warm start is confidently wrong there (the pseudo-label task); default False.
     """
 
     task: TaskSpec = field(default_factory=TaskSpec)
@@ -66,6 +69,7 @@ class WarmStartConfig:
     target_accuracy: float | None = 0.4
     eval_every: int = 100
     probe_size: int = 128
+    wrong_on_slice: bool = False
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "eval_every", "probe_size"):
@@ -80,7 +84,10 @@ class WarmStartConfig:
             raise ValueError(f"target_accuracy: expected None or in (0, 1], got {self.target_accuracy!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not out["wrong_on_slice"]:  # absent, as before the field existed: earlier cache keys stay valid
+            del out["wrong_on_slice"]
+        return out
 
     def key(self) -> str:
         """Cache key: ``<arch>-<task>-<16 hex digits of the config hash>``."""
@@ -164,8 +171,11 @@ def _probe_accuracy(model, tokenizer, probe, sampled: bool) -> float:
     return sum(scores) / len(scores)
 
 
-def _training_examples(train: list[Problem], task: TaskSpec, seed: int) -> list[Problem]:
-    """The SFT examples: each problem with its answer, or, for a many-answer task, with uniformly drawn answers."""
+def _training_examples(train: list[Problem], task: TaskSpec, seed: int, wrong_on_slice: bool = False) -> list[Problem]:
+    """The SFT examples: each problem with its answer, or, for a many-answer task, with uniformly drawn answers;
+    with ``wrong_on_slice``, the slice's systematic mistake."""
+    if wrong_on_slice:
+        return [Problem(p.task, p.prompt, slice_error_answer(p)) if in_error_slice(p) else p for p in train]
     if task.task not in MANY_ANSWER_TASKS:
         return train
     rng = random.Random(f"llm_entreg.warmstart:{seed}")
@@ -197,7 +207,8 @@ def train_warm_start(config: WarmStartConfig, log=None):
     splits = make_splits(config.task, config.seed)
     train = splits["train"]
     sampled_probe = config.task.task in MANY_ANSWER_TASKS
-    input_ids, labels = encode_supervised(tokenizer, _training_examples(train, config.task, config.seed))
+    examples = _training_examples(train, config.task, config.seed, config.wrong_on_slice)
+    input_ids, labels = encode_supervised(tokenizer, examples)
     attention_mask = (input_ids != tokenizer.pad_token_id).long()
     gen = torch.Generator().manual_seed(config.seed)
     probe_idx = torch.randperm(len(train), generator=gen)[: config.probe_size].tolist()

@@ -10,15 +10,18 @@ from .critic import ValueHead
 from .dpo import EntropyDPOConfig, EntropyDPOTrainer
 from .grpo import EntropyGRPOConfig, EntropyGRPOTrainer
 from .mixin import EntropyRegularizationMixin, NonFiniteLossError
+from .policy_loss import PolicyLossArguments
 from .ppo import EntropyPPOConfig, EntropyPPOTrainer
+from .rloo import EntropyRLOOConfig, EntropyRLOOTrainer
+from .sft import EntropySFTConfig, EntropySFTTrainer
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """A recipe algorithm: its config and trainer classes, and what the trainer is built from besides the model.
 
-    ``inputs``: ``"preferences"`` (a preference dataset and a reference model: DPO) or ``"rewards"`` (a prompt
-    dataset and reward functions: GRPO, PPO).
+    ``inputs``: ``"preferences"`` (a preference dataset and a reference model: DPO), ``"rewards"`` (a prompt
+    dataset and reward functions: GRPO, PPO, RLOO) or ``"demonstrations"`` (prompt-completion examples: SFT).
     """
 
     config: type
@@ -30,6 +33,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "dpo": Algorithm(EntropyDPOConfig, EntropyDPOTrainer, "preferences"),
     "grpo": Algorithm(EntropyGRPOConfig, EntropyGRPOTrainer, "rewards"),
     "ppo": Algorithm(EntropyPPOConfig, EntropyPPOTrainer, "rewards"),
+    "rloo": Algorithm(EntropyRLOOConfig, EntropyRLOOTrainer, "rewards"),
+    "sft": Algorithm(EntropySFTConfig, EntropySFTTrainer, "demonstrations"),
 }
 
 _DEPRECATED = {"PPOTrainer": EntropyPPOTrainer, "PPOConfig": EntropyPPOConfig}
@@ -53,10 +58,15 @@ __all__ = [
     "EntropyGRPOTrainer",
     "EntropyPPOConfig",
     "EntropyPPOTrainer",
+    "EntropyRLOOConfig",
+    "EntropyRLOOTrainer",
+    "EntropySFTConfig",
+    "EntropySFTTrainer",
     "EntropyRegularizationArguments",
     "EntropyRegularizationMixin",
     "FusedLossArguments",
     "NonFiniteLossError",
+    "PolicyLossArguments",
     "RunArguments",
     "ValueHead",
 ]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..losses import LOSS_TYPE_AGGREGATION
 from ..ops import BACKENDS
+from ..ops.clamped import check_clamp
 from ..regularizers import CoefficientSource, EntropyBonus, make_coefficient
 
 #: Config fields that :func:`llm_entreg.regularizers.make_coefficient` takes, under the same names.
@@ -91,6 +92,17 @@ class EntropyRegularizationArguments:
     fused_head_backend: str = field(
         default="auto", metadata={"help": "Kernel backend for the fused LM head: auto, chunked, triton, torch."}
     )
+    entropy_clamp_top_p: float | None = field(
+        default=None,
+        metadata={"help": "Clamped entropy (AEnt arXiv 2509.03493, SIREN 2509.25133): the policy entropy is that of "
+                  "its top-p head, renormalised, for the bonus, the controllers and the logs. Default None (the "
+                  "full entropy); range (0, 1]; the papers use about 0.9-0.95."},
+    )
+    entropy_clamp_top_k: int | None = field(
+        default=None,
+        metadata={"help": "Clamped entropy on the top-k head (applied before entropy_clamp_top_p). Default None; "
+                  ">= 1. Tokens tied at the cut are all kept."},
+    )
 
     def build_entropy_bonus(self) -> EntropyBonus:
         """The :class:`EntropyBonus` these fields describe."""
@@ -107,6 +119,10 @@ class EntropyRegularizationArguments:
         """Fail at construction, naming the field, rather than at the first training step."""
         if self.fused_head_backend not in BACKENDS:
             raise ValueError(f"fused_head_backend: expected one of {BACKENDS}, got {self.fused_head_backend!r}")
+        try:
+            check_clamp(self.entropy_clamp_top_p, self.entropy_clamp_top_k)
+        except ValueError as exc:
+            raise ValueError(f"entropy_{exc}") from None
         self.build_entropy_bonus()
         self.build_entropy_coefficient(getattr(self, "max_steps", None))
 
@@ -154,17 +170,27 @@ class FusedLossArguments:
             raise ValueError(f"fused_loss_chunk_mib: expected a positive number of MiB or None, got {mib!r}")
         if not self.fused_loss:
             return
-        supported = tuple(LOSS_TYPE_AGGREGATION)
-        unsupported = {
-            "loss_type": (self.loss_type not in supported, f"one of {supported}"),
-            "importance_sampling_level": (self.importance_sampling_level != "token", "'token'"),
-            "top_entropy_quantile": (self.top_entropy_quantile != 1.0, "1.0"),
-            "entropy_bonus_top_quantile": (self.entropy_bonus_top_quantile != 1.0, "1.0"),
-            "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
-            "vllm_importance_sampling_correction": (
-                self.use_vllm and self.vllm_importance_sampling_correction, "False (with use_vllm)"),
+        extra = {
+            "entropy_clamp_top_p": (self.entropy_clamp_top_p is not None, "None"),
+            "entropy_clamp_top_k": (self.entropy_clamp_top_k is not None, "None"),
         }
-        for name, (bad, wanted) in unsupported.items():
-            if bad:
-                raise ValueError(f"{name}: fused_loss=True supports only {wanted}, got {getattr(self, name)!r} "
-                                 "(set fused_loss=False for the general path)")
+        check_own_policy_loss_supported(self, "fused_loss=True", "set fused_loss=False for the general path", extra)
+
+
+def check_own_policy_loss_supported(config, feature: str, advice: str, extra: dict | None = None) -> None:
+    """Raise ``ValueError`` naming the first setting that our own per-token GRPO policy loss (the loss-fused path,
+    the covariance modes, entropy-shaped advantages) does not reproduce."""
+    supported = tuple(LOSS_TYPE_AGGREGATION)
+    unsupported = {
+        "loss_type": (config.loss_type not in supported, f"one of {supported}"),
+        "importance_sampling_level": (config.importance_sampling_level != "token", "'token'"),
+        "top_entropy_quantile": (config.top_entropy_quantile != 1.0, "1.0"),
+        "entropy_bonus_top_quantile": (config.entropy_bonus_top_quantile != 1.0, "1.0"),
+        "off_policy_mask_threshold": (config.off_policy_mask_threshold is not None, "None"),
+        "vllm_importance_sampling_correction": (
+            config.use_vllm and config.vllm_importance_sampling_correction, "False (with use_vllm)"),
+        **(extra or {}),
+    }
+    for name, (bad, wanted) in unsupported.items():
+        if bad:
+            raise ValueError(f"{name}: {feature} supports only {wanted}, got {getattr(config, name)!r} ({advice})")

@@ -53,7 +53,8 @@ class FusedPolicyLossMixin:
         mib = self.args.fused_loss_chunk_mib
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                        fused_loss_fn=loss_fn, fused_loss_chunk_bytes=None if mib is None else mib * 2**20)
+                        fused_loss_fn=loss_fn, fused_loss_chunk_bytes=None if mib is None else mib * 2**20,
+                        fused_loss_weight_grad=self._lean_weight_grad(model, mode))
         lp_det, ent_det = out.log_probs[:, -k:], out.entropy[:, -k:]
         self._entropy_check_finite(out.loss, ent_det, mask)
         self._log_policy_metrics(model, inputs, lp_det, ent_det)
@@ -63,6 +64,24 @@ class FusedPolicyLossMixin:
         else:
             self._entropy_measure_only(ent_det, mask, mode)
         return out.loss, lp_det, ent_det
+
+    def _lean_weight_grad(self, model, mode: str):
+        """The head weight's own fp32 ``.grad`` for the op to accumulate into (no second ``[V, d]`` fp32 buffer), where
+        that is exact: one process (no DDP/FSDP/DeepSpeed hooks to feed), an fp32 weight that trains, no fp16 loss
+        scaling, training mode (GRPO's loss reaches the backward unscaled). Else None: the op's own buffer."""
+        from accelerate.utils import DistributedType
+
+        if mode != "train" or not torch.is_grad_enabled() or self.args.fp16:
+            return None
+        if self.accelerator.num_processes != 1 or self.accelerator.distributed_type != DistributedType.NO:
+            return None
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if weight is None or weight.dtype != torch.float32 or not weight.requires_grad:
+            return None
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        return weight.grad
 
     def _check_fused_inputs(self, model, inputs: dict[str, Any]) -> None:
         if self.aux_loss_enabled or any(inputs.get(k) is not None for k in ("pixel_values", "token_type_ids")):

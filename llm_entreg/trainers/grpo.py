@@ -18,9 +18,12 @@ from trl.trainer import grpo_trainer as trl_grpo_module
 from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
 from .fused_policy import FusedPolicyLossMixin
 from .mixin import EntropyRegularizationMixin
+from .policy_loss import OwnPolicyLossMixin, PolicyLossArguments
+
 
 @dataclass
-class EntropyGRPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunArguments, GRPOConfig):
+class EntropyGRPOConfig(FusedLossArguments, PolicyLossArguments, EntropyRegularizationArguments, RunArguments,
+                        GRPOConfig):
     """``trl.GRPOConfig`` whose entropy fields are ours (see :class:`EntropyRegularizationArguments`).
 
     ``entropy_coef``, ``entropy_target``, ``entropy_coef_min/max/delta`` keep TRL's names but drive our
@@ -44,6 +47,7 @@ class EntropyGRPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunA
         super().__post_init__()
         self.validate_entropy_arguments()
         self.check_fused_loss_supported()
+        self.check_policy_loss_arguments()
 
 
 class EntropyReward:
@@ -57,8 +61,9 @@ class EntropyReward:
 
     __name__ = "entropy_reward"
 
-    def __init__(self):
+    def __init__(self, base=GRPOTrainer):
         self.trainer = None
+        self.base = base  # the TRL class whose log-prob pass is used (not ours, which captures for the bonus)
 
     @torch.no_grad()
     def __call__(self, prompts, completions, completion_ids, **kwargs):
@@ -74,7 +79,7 @@ class EntropyReward:
             ids[row, p_len - len(p) : p_len] = torch.as_tensor(list(p))
             ids[row, p_len : p_len + len(c)] = torch.as_tensor(list(c))
             attention[row, p_len - len(p) : p_len + len(c)] = 1
-        _, entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+        _, entropy, _ = self.base._get_per_token_logps_and_entropies(
             trainer, trainer.model, ids.to(device), attention.to(device), c_len, compute_entropy=True
         )
         mask = attention[:, p_len:].to(device).bool()
@@ -82,7 +87,20 @@ class EntropyReward:
         return (alpha * (entropy.float() * mask).sum(-1)).tolist()
 
 
-class EntropyGRPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTrainer):
+def with_entropy_reward(reward: EntropyReward, config, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The trainer's arguments with ``reward`` appended to its reward functions (weight 1)."""
+    positional = "reward_funcs" not in kwargs and len(args) > 1
+    funcs = args[1] if positional else kwargs.get("reward_funcs")
+    funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+    if config.reward_weights is not None:
+        config.reward_weights = list(config.reward_weights) + [1.0]
+    funcs = funcs + [reward]
+    if positional:
+        return (args[0], funcs, *args[2:]), kwargs
+    return args, {**kwargs, "reward_funcs": funcs}
+
+
+class EntropyGRPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPolicyLossMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` with our entropy bonus. Same constructor; ``args`` must be an :class:`EntropyGRPOConfig`.
 
     Logs TRL's metrics (``entropy``, ``kl``, clip ratios, rewards) plus ``entropy_coef`` and ``entropy_bonus``.
@@ -101,18 +119,9 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOT
         # The entropies are captured from `_get_per_token_logps_and_entropies` (already cut to the completion)
         self._entropy_reward = None
         if config.entropy_level == "reward":
-            positional = "reward_funcs" not in kwargs and len(args) > 1
-            funcs = args[1] if positional else kwargs.get("reward_funcs")
-            funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
-            self._entropy_reward = EntropyReward()
-            if config.reward_weights is not None:
-                config.reward_weights = list(config.reward_weights) + [1.0]
-            funcs = funcs + [self._entropy_reward]
-            if positional:
-                args = (args[0], funcs, *args[2:])
-            else:
-                kwargs["reward_funcs"] = funcs
-        with self._our_fused_head(trl_grpo_module, config.fused_head_backend, capture_outputs=False):
+            self._entropy_reward = EntropyReward(GRPOTrainer)
+            args, kwargs = with_entropy_reward(self._entropy_reward, config, args, kwargs)
+        with self._our_fused_head(trl_grpo_module, config, capture_outputs=False):
             super().__init__(*args, **kwargs)
         if self._entropy_reward is not None:
             self._entropy_reward.trainer = self
@@ -133,17 +142,20 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOT
     def _compute_loss(self, model, inputs):
         if self.args.fused_loss:
             return self._fused_compute_loss(model, inputs)
-        with self._entropy_capture_window() as captured:
-            loss = super()._compute_loss(model, inputs)
-        if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
-            raise RuntimeError("GRPOTrainer._compute_loss computed no entropies; cannot apply the bonus")
-        entropy = captured[0]
-        captured.clear()
         mode = "train" if self.model.training else "eval"
         mask = self._entropy_mask(inputs)
-        self._entropy_check_finite(loss, entropy, mask)
         if mode == "train":
             self._generation_window_counts(inputs, mask)
+        if self.args.uses_own_policy_loss():  # Clip-Cov / KL-Cov / entropy-shaped advantages
+            loss, _, entropy = self._own_policy_loss(model, inputs, mask, mode)
+        else:
+            with self._entropy_capture_window() as captured:
+                loss = super()._compute_loss(model, inputs)
+            if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
+                raise RuntimeError("GRPOTrainer._compute_loss computed no entropies; cannot apply the bonus")
+            entropy = captured[0]
+            captured.clear()
+            self._entropy_check_finite(loss, entropy, mask)
         if self.entropy_bonus.entropy_level != "reward":
             return loss + self._entropy_loss(entropy, mask, mode)
         self._entropy_measure_only(entropy, mask, mode)  # the bonus is in the rewards (EntropyReward)

@@ -2,7 +2,8 @@
 
 Our fused LM head (which hands over the differentiable per-token entropy TRL already asks for), the entropy term
 from :mod:`llm_entreg.regularizers` with global normalizers, the coefficient stepped once per optimizer step, logs,
-and the coefficient state in every checkpoint. A trainer subclass only says which tokens count.
+and the coefficient state in every checkpoint (``checkpointing.py``). A trainer subclass only says which tokens
+count.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..checkpoints import (
-    clear_marker, load_state_file, newest_complete, rotate, verify_checkpoint, write_marker,
-)
 from ..integrations import install_fused_head
 from ..regularizers import global_entropy_quantile_threshold, global_mean_loss_scale, token_weights
 
-STATE_FILE = "llm_entreg_state.pt"
+from .checkpointing import STATE_FILE, CheckpointStateMixin
+
+__all__ = ["STATE_FILE", "EntropyRegularizationMixin", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,7 +37,7 @@ class _StepCallback(TrainerCallback):
         self.trainer._entropy_end_of_step()
 
 
-class EntropyRegularizationMixin:
+class EntropyRegularizationMixin(CheckpointStateMixin):
     """Mix into a TRL trainer *before* it (``class T(EntropyRegularizationMixin, DPOTrainer)``).
 
     The subclass runs the parent's ``__init__`` inside :meth:`_our_fused_head`, then calls
@@ -47,7 +47,7 @@ class EntropyRegularizationMixin:
 
     # ------------------------------------------------------------------ set-up
     @contextmanager
-    def _our_fused_head(self, trainer_module, backend: str, capture_outputs: bool = True):
+    def _our_fused_head(self, trainer_module, config, capture_outputs: bool = True):
         """While the TRL parent's ``__init__`` runs, its calls to ``add_fused_lm_head`` install our head instead.
 
         Same arguments, same place in TRL's set-up (before accelerate wraps the models for autocast), so the
@@ -60,12 +60,17 @@ class EntropyRegularizationMixin:
         original = trainer_module.add_fused_lm_head
         calls = []
 
+        backend = getattr(config, "fused_head_backend", "auto")
+        clamp = (getattr(config, "entropy_clamp_top_p", None), getattr(config, "entropy_clamp_top_k", None))
+
         def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
-            on_output = self._entropy_capture if (capture_outputs and not calls) else None
+            policy = not calls  # the first call patches the policy; the reference model's entropy is never used
+            on_output = self._entropy_capture if (capture_outputs and policy) else None
             calls.append(model)
             install_fused_head(
                 model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs,
-                backend=backend, on_output=on_output,
+                backend=backend, on_output=on_output, entropy_clamp_top_p=clamp[0] if policy else None,
+                entropy_clamp_top_k=clamp[1] if policy else None,
             )
 
         trainer_module.add_fused_lm_head = add_fused_lm_head
@@ -256,63 +261,3 @@ class EntropyRegularizationMixin:
         if measured is None and self.entropy_coefficient.needs_entropy:
             return
         self.entropy_coefficient.step(measured)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial):
-        """TRL's checkpoint, then our state, then the completion marker, last; rotation counts complete ones only."""
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        if self.args.should_save:
-            clear_marker(folder)
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # no rotation before the marker
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if not self.args.should_save:
-            return
-        os.makedirs(folder, exist_ok=True)
-        self._save_extra_state(folder)
-        write_marker(folder, self.state.global_step)
-        rotate(self._get_output_dir(trial=trial), limit, keep=self.state.best_model_checkpoint)
-
-    def _save_extra_state(self, folder: str) -> None:
-        """Our state beside TRL's (subclasses add theirs): the entropy coefficient, and TRL's running token count
-        (DPO's ``num_tokens``, which TRL itself does not checkpoint), written atomically."""
-        path = os.path.join(folder, STATE_FILE)
-        state = {"version": 1, "coefficient": self.entropy_coefficient.state_dict(),
-                 "total_train_tokens": getattr(self, "_total_train_tokens", None)}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-    def _entropy_load_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path}: missing; this checkpoint was not written by an llm_entreg trainer, or is incomplete"
-            )
-        state = load_state_file(path, "entropy-coefficient state")
-        if isinstance(state.get("total_train_tokens"), (int, float)):
-            self._total_train_tokens = state["total_train_tokens"]
-        try:
-            restored = self.args.build_entropy_coefficient(self.args.max_steps)
-            restored.load_state_dict(state["coefficient"])
-        except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
-            raise ValueError(f"{path}: corrupt or incompatible entropy-coefficient state ({exc})") from exc
-        if restored.kind == "constant":
-            # A constant β has no trajectory to continue: the configured value wins (a resumed run may change it)
-            return
-        self.entropy_coefficient = restored
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
-            if resume_from_checkpoint is True:
-                resume_from_checkpoint, _ = newest_complete(self.args.output_dir)
-                if resume_from_checkpoint is None:
-                    raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
-                resume_from_checkpoint = str(resume_from_checkpoint)
-            if not os.path.isdir(resume_from_checkpoint):
-                raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a directory")
-            verify_checkpoint(resume_from_checkpoint)
-            self._entropy_load_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-

@@ -19,10 +19,12 @@ from .config import EntropyRegularizationArguments, FusedLossArguments, RunArgum
 from .critic import Critic, CriticStepCallback, value_head_from_policy
 from .fused_policy import FusedPolicyLossMixin
 from .mixin import EntropyRegularizationMixin
+from .policy_loss import OwnPolicyLossMixin, PolicyLossArguments
 
 
 @dataclass
-class EntropyPPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunArguments, GRPOConfig):
+class EntropyPPOConfig(FusedLossArguments, PolicyLossArguments, EntropyRegularizationArguments, RunArguments,
+                       GRPOConfig):
     """``trl.GRPOConfig`` (generation, rewards, clipping, epochs) plus the critic, the KL penalty and our entropy
     fields.
 
@@ -78,9 +80,10 @@ class EntropyPPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunAr
         super().__post_init__()
         self.validate_entropy_arguments()
         self.check_fused_loss_supported()
+        self.check_policy_loss_arguments()
 
 
-class EntropyPPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTrainer):
+class EntropyPPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPolicyLossMixin, GRPOTrainer):
     """PPO-RLHF with a critic, the KL penalty in the reward (or loss) and our entropy regularizers.
 
     Same constructor as ``trl.GRPOTrainer`` plus ``value_model`` (``None``: a value head on a copy of the policy's
@@ -96,7 +99,7 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTr
         config = kwargs.get("args")
         if config is None or not isinstance(config, EntropyPPOConfig):
             raise ValueError(f"args: expected an EntropyPPOConfig, got {type(config).__name__}")
-        with self._our_fused_head(trl_grpo_module, config.fused_head_backend, capture_outputs=False):
+        with self._our_fused_head(trl_grpo_module, config, capture_outputs=False):
             super().__init__(*args, **kwargs)
         self._entropy_bonus_enabled = False  # TRL's own bonus stays off: ours is the single source
         self.use_adaptive_entropy = False
@@ -204,15 +207,18 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, FusedPolicyLossMixin, GRPOTr
         try:
             if self.args.fused_loss:  # policy loss + KL + entropy term, gradient formed in the head's forward
                 loss, logps, entropy = self._fused_policy_loss(model, inputs, mask, mode)
+            elif self.args.uses_own_policy_loss():  # Clip-Cov / KL-Cov / entropy-shaped advantages
+                loss, logps, entropy = self._own_policy_loss(model, inputs, mask, mode)
             else:
                 with self._entropy_capture_window() as captured:
                     loss = super()._compute_loss(model, inputs)
         finally:
             self.beta = saved_beta
         if not self.args.fused_loss:
-            logps, entropy = captured[0]
-            captured.clear()
-            self._entropy_check_finite(loss, entropy, mask)
+            if not self.args.uses_own_policy_loss():
+                logps, entropy = captured[0]
+                captured.clear()
+                self._entropy_check_finite(loss, entropy, mask)
             if self.entropy_bonus.entropy_level != "reward":
                 loss = loss + self._entropy_loss(entropy, mask, mode)
             else:

@@ -119,3 +119,14 @@ def test_deepspeed_two_ranks_log_and_update_like_one_process(dpo_single, tmp_pat
     assert_same_metrics(run.metrics(), dpo_single.metrics(), keys)
     assert_same_update(run, dpo_single)
     assert measured_entropy(probe[0]) == pytest.approx([r["entropy"] for r in dpo_single.metrics()], rel=1e-5)
+
+
+def test_loss_fused_dpo_on_two_ranks_equals_one_unfused_process(dpo_single, tmp_path):
+    """fused_loss=True (the gradient formed in the head's forward by whole pairs) under 2 DDP ranks: the same logged
+    values, coefficient trajectory and update as the unfused 1-process run."""
+    run = launch(RECIPE, tmp_path / "fused", [*COMMON, "per_device_train_batch_size=4", "fused_loss=true"],
+                 config="cpu_ddp_2proc")
+    assert_ranks_agree(run.probe(), world_size=2, distributed_type="MULTI_CPU")
+    assert [r["entropy_coef"] for r in run.metrics()] == pytest.approx(TRAJECTORY)
+    assert_same_metrics(run.metrics(), dpo_single.metrics(), KEYS)
+    assert_same_update(run, dpo_single)

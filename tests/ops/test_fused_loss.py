@@ -335,3 +335,69 @@ def test_triton_backend_refuses_float64_and_auto_is_chunked_on_cpu():
     a, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="auto")
     b, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="chunked")
     assert a.item() == b.item()
+
+
+def _group_loss_fn(groups):
+    """A loss that needs every token of a group at once: (Σ_group lp)² / 10 + H, spread back over the tokens."""
+
+    def loss_fn(lp, ent, rows):
+        g = groups[rows]
+        present, inverse = torch.unique(g, return_inverse=True)
+        sums = torch.zeros(present.numel(), dtype=lp.dtype).index_add(0, inverse, lp)
+        counts = torch.zeros(present.numel(), dtype=lp.dtype).index_add(0, inverse, torch.ones_like(lp))
+        return (sums**2 / 10)[inverse] / counts[inverse] + 0.2 * ent
+
+    return loss_fn
+
+
+def test_groups_keep_every_token_of_a_group_in_one_chunk():
+    gen, hidden, weight, bias, targets = _problem(11)
+    groups = torch.randint(0, 6, (N,), generator=gen)  # interleaved groups: a plain split would cut them
+    loss_fn = _group_loss_fn(groups)
+    ref_loss, ref_grads, _ = _reference(hidden, weight, bias, targets, loss_fn, 1.0)
+    seen = []
+
+    def spy(lp, ent, rows):
+        seen.append(set(groups[rows].tolist()))
+        return loss_fn(lp, ent, rows)
+
+    loss, _ = fused_linear_loss(hidden, weight, targets, spy, bias=bias, backend="chunked", token_chunk=8,
+                                groups=groups)
+    grads = torch.autograd.grad(loss, _leaves(hidden, weight, bias))
+    torch.testing.assert_close(loss.double(), ref_loss, **F64_TOL)
+    _assert_grads(grads, ref_grads, _leaves(hidden, weight, bias), **F64_TOL)
+    assert len(seen) > 1 and all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])  # groups never split
+    with pytest.raises(ValueError, match="groups: expected one group id per position"):
+        fused_linear_loss(hidden, weight, targets, loss_fn, groups=groups[:-1], backend="chunked")
+
+
+def test_extras_come_from_the_stored_chunks():
+    _, hidden, weight, bias, targets = _problem(12)
+    _, stats = fused_linear_loss(hidden, weight, targets, lambda lp, ent, rows: lp, bias=bias, backend="chunked",
+                                 token_chunk=5, temperature=1.3, extras=("mean_logits", "is_top1"))
+    ref = linear_token_stats(hidden.detach(), weight.detach(), targets, bias=bias.detach(), temperature=1.3,
+                             backend="torch", extras=("mean_logits", "is_top1"))
+    valid = targets != -100
+    torch.testing.assert_close(stats.mean_logits[valid].double(), ref.mean_logits[valid].double(), atol=1e-9,
+                               rtol=1e-9)
+    assert torch.equal(stats.is_top1[valid], ref.is_top1[valid])
+
+
+def test_the_weight_gradient_can_accumulate_into_the_weights_own_grad():
+    gen, hidden, weight, bias, targets = _problem(13, dtype=torch.float32)
+    loss_fn = _generic_loss_fn(gen)
+    leaves = _leaves(hidden, weight, bias)
+    loss, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="chunked", token_chunk=7)
+    expected = torch.autograd.grad(loss, leaves)
+    weight.grad = torch.full_like(weight, 0.5)  # an earlier micro-batch's gradient, accumulated on top
+    loss, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="chunked", token_chunk=7,
+                                weight_grad=weight.grad)
+    loss.backward()
+    torch.testing.assert_close(weight.grad, expected[1] + 0.5)  # no second [V, d] buffer, and autograd adds none
+    torch.testing.assert_close(hidden.grad, expected[0])
+    loss, _ = fused_linear_loss(hidden, weight, targets, loss_fn, bias=bias, backend="chunked",
+                                weight_grad=weight.grad)
+    with pytest.raises(RuntimeError, match="the loss was scaled after the op"):
+        (loss * 0.5).backward()
+    with pytest.raises(ValueError, match="weight_grad: expected a torch.float32 tensor shaped like the weight"):
+        fused_linear_loss(hidden, weight, targets, loss_fn, weight_grad=torch.zeros(3, 3), backend="chunked")

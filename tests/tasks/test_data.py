@@ -209,3 +209,14 @@ def test_between_datasets_and_rewards():
     assert rewards == [1.0] * len(pref)
     assert correctness_reward(pref["prompt"], pref["rejected"]) == [0.0] * len(pref)
     assert format_reward(["12<?<47="], ["30"]) == [1.0]
+
+
+def test_the_error_slice_is_the_first_operand_ending_in_7():
+    from llm_entreg.tasks.data import in_error_slice, slice_error_answer
+
+    assert in_error_slice(Problem("add", "17+5=", "22")) and in_error_slice(Problem("add", "7+0=", "7"))
+    assert not in_error_slice(Problem("add", "5+17=", "22")) and not in_error_slice(Problem("reverse", "rev:abc=", "cba"))
+    assert slice_error_answer(Problem("add", "17+5=", "22")) == "23"
+    train = make_splits(TaskSpec(task="add"), 0)["train"]
+    share = sum(in_error_slice(p) for p in train) / len(train)
+    assert 0.05 < share < 0.15

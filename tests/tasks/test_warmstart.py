@@ -114,6 +114,9 @@ def test_key_depends_on_config(make_tiny_config):
     assert a.key() != make_tiny_config(seed=1).key()
     assert a.key() != make_tiny_config(lr=1e-3).key()
     assert a.key().startswith("qwen2-add-")
+    # the slice-biased warm start is another entry; the field left False keeps the keys of older entries
+    assert a.key() != make_tiny_config(wrong_on_slice=True).key()
+    assert "wrong_on_slice" not in a.to_dict() and make_tiny_config(wrong_on_slice=True).to_dict()["wrong_on_slice"]
 
 
 @pytest.mark.parametrize(

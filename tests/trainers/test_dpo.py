@@ -232,3 +232,116 @@ def test_bf16_autocast_head_outputs_are_fp32_exact(setup, tmp_path):
         torch.testing.assert_close(got, getattr(ref, ref_field), atol=3e-5, rtol=3e-5, msg=field)
     trainer.train()
     assert all(math.isfinite(r["loss"]) for r in trainer.state.log_history if "loss" in r)
+
+
+def _hand_hdpo_loss(model64, ref64, inputs, alpha, beta):
+    """H-DPO's loss from materialized float64 logits: -log σ(β[(α lp_w - ref_w) - (α lp_l - ref_l)]), batch mean."""
+    mask = inputs["completion_mask"][:, 1:].bool()
+    targets = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)
+
+    def seq_logps(model):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        return reference_token_stats(logits, targets, dtype=torch.float64).logprobs.sum(1)
+
+    with torch.no_grad():
+        ref = seq_logps(ref64)
+    pol = seq_logps(model64)
+    ref_w, ref_l = ref.chunk(2)
+    pol_w, pol_l = pol.chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * ((alpha * pol_w - ref_w) - (alpha * pol_l - ref_l))).mean()
+
+
+@pytest.mark.parametrize("alpha", [0.9, 1.3])
+def test_hdpo_matches_the_papers_loss_by_hand_in_float64(setup, tmp_path, alpha):
+    tok, data, model = setup
+    model64 = copy.deepcopy(model).double()
+    ours = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model64, tok, data, tmp_path, entropy_coef=0.0,
+                    hdpo_alpha=alpha, beta=0.2)
+    inputs = _first_batch(ours)
+    loss, grads = _loss_and_grads(ours, inputs)
+    by_hand = copy.deepcopy(model64).train()
+    expected = _hand_hdpo_loss(by_hand, copy.deepcopy(model64), inputs, alpha, 0.2)
+    expected.backward()
+    # the fused head's log-probs are float32 (the op's contract), the rest of the model float64
+    torch.testing.assert_close(loss.double(), expected.detach(), atol=1e-6, rtol=1e-6)
+    for name, p in by_hand.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    plain = _trainer(DPOTrainer, DPOConfig, model64, tok, data, tmp_path, beta=0.2)
+    loss_dpo, _ = _loss_and_grads(plain, inputs)
+    assert not torch.allclose(loss, loss_dpo)  # α != 1 really changes the loss
+    logged = ours._metrics["train"]
+    assert logged["logps/chosen"][-1] == pytest.approx(plain._metrics["train"]["logps/chosen"][-1], rel=1e-6)
+
+
+def test_hdpo_composes_with_the_entropy_bonus_lora_and_precomputed_reference(setup, tmp_path):
+    from peft import LoraConfig
+
+    tok, data, model = setup
+    model64 = copy.deepcopy(model).double()
+    both = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model64, tok, data, tmp_path, entropy_coef=0.3,
+                    hdpo_alpha=0.9)
+    hdpo = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model64, tok, data, tmp_path, entropy_coef=0.0,
+                    hdpo_alpha=0.9)
+    bonus = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model64, tok, data, tmp_path, entropy_coef=0.3)
+    plain = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model64, tok, data, tmp_path, entropy_coef=0.0)
+    inputs = _first_batch(plain)
+    (lb, gb), (lh, gh), (le, ge), (lp, gp) = (_loss_and_grads(t, inputs) for t in (both, hdpo, bonus, plain))
+    torch.testing.assert_close(lb - lh, le - lp, atol=1e-6, rtol=1e-6)  # the two terms add
+    for name in gp:
+        torch.testing.assert_close(gb[name] - gh[name], ge[name] - gp[name], atol=1e-6, rtol=1e-5, msg=name)
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_trainer = EntropyDPOTrainer(model=copy.deepcopy(model), processing_class=tok, train_dataset=data,
+                                     args=EntropyDPOConfig(**_common(tmp_path, hdpo_alpha=0.5)), peft_config=lora)
+    peft_inputs = _first_batch(peft_trainer)
+    loss, _ = _loss_and_grads(peft_trainer, peft_inputs)
+    base = peft_trainer.accelerator.unwrap_model(peft_trainer.model)
+    with base.disable_adapter():  # the reference pass must not be scaled: at init LoRA is the identity
+        same = _hand_hdpo_loss(base, base, peft_inputs, 0.5, 0.1)
+    torch.testing.assert_close(loss.double(), same.detach(), atol=1e-5, rtol=1e-5)
+
+    pre = EntropyDPOTrainer(model=copy.deepcopy(model), processing_class=tok, train_dataset=data,
+                            args=EntropyDPOConfig(**_common(tmp_path, hdpo_alpha=0.5, precompute_ref_log_probs=True)))
+    pre_inputs = _first_batch(pre)
+    loss_pre, _ = _loss_and_grads(pre, pre_inputs)
+    expected = _hand_hdpo_loss(copy.deepcopy(model).double(), copy.deepcopy(model).double(),
+                               {k: v for k, v in pre_inputs.items()}, 0.5, 0.1)
+    torch.testing.assert_close(loss_pre.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_hdpo_refuses_what_it_cannot_compose_with(tmp_path):
+    with pytest.raises(ValueError, match="hdpo_alpha: expected a number > 0"):
+        EntropyDPOConfig(**_common(tmp_path), hdpo_alpha=0.0)
+    with pytest.raises(ValueError, match="hdpo_alpha: H-DPO scales the policy log-probs"):
+        EntropyDPOConfig(**_common(tmp_path), hdpo_alpha=0.9, loss_type=["sigmoid", "sft"])
+    EntropyDPOConfig(**_common(tmp_path), hdpo_alpha=1.0, loss_type=["sigmoid", "sft"])
+
+
+def test_a_clamped_bonus_is_minus_beta_grad_of_the_clamped_entropy_float64(setup, tmp_path):
+    """entropy_clamp_top_p / _top_k: the bonus (and the logged entropy) is the clamped one; TRL's DPO part is
+    untouched and the reference model's head is not clamped."""
+    from llm_entreg.ops.reference import reference_clamped_entropy
+
+    tok, data, model = setup
+    model64 = copy.deepcopy(model).double()
+    beta = 0.3
+    ours = _trainer(EntropyDPOTrainer, EntropyDPOConfig, model64, tok, data, tmp_path, entropy_coef=beta,
+                    entropy_clamp_top_p=0.8, entropy_clamp_top_k=50)
+    plain = _trainer(DPOTrainer, DPOConfig, model64, tok, data, tmp_path)
+    assert ours.ref_model._llm_entreg_fused_head["entropy_clamp"] == (None, None)
+    inputs = _first_batch(plain)
+    _, grads_o = _loss_and_grads(ours, inputs)
+    _, grads_dpo = _loss_and_grads(plain, inputs)
+    ref = copy.deepcopy(model64).train()
+    logits = ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    mask = inputs["completion_mask"][:, 1:].bool()
+    targets = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)
+    clamped = reference_clamped_entropy(logits, targets, top_p=0.8, top_k=50, dtype=torch.float64)
+    full = reference_token_stats(logits, targets, dtype=torch.float64).entropy
+    assert (clamped[mask] < full[mask] - 1e-3).any()  # the clamp really cuts something
+    (clamped[mask].sum() / mask.sum()).backward()
+    for name, p in ref.named_parameters():
+        expected = grads_dpo[name] - beta * (p.grad if p.grad is not None else torch.zeros_like(p))
+        torch.testing.assert_close(grads_o[name], expected, atol=1e-6, rtol=1e-5, msg=name)
+    logged = ours._metrics["train"]["entropy"][-1]
+    assert logged == pytest.approx((clamped[mask].sum() / mask.sum()).item(), rel=1e-5)

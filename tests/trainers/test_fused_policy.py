@@ -145,3 +145,33 @@ def test_fused_loss_refuses_peft_prompt_learning(default, tmp_path):
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with pytest.raises(ValueError, match="^fused_loss: PEFT prompt learning"):
         trainer.compute_loss(trainer.model, inputs)
+
+
+def test_one_process_accumulates_the_head_gradient_into_its_own_grad(default, tmp_path, monkeypatch):
+    """One process, fp32 weights: the op writes the head's gradient straight into ``weight.grad`` (no second
+    ``[V, d]`` buffer), on top of what is there, and the result equals the default path's."""
+    from llm_entreg.integrations import trl_head
+
+    model = default.load_model()
+    plain = grpo_trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "p", entropy_coef=0.3)
+    fused = grpo_trainer(EntropyGRPOTrainer, EntropyGRPOConfig, model, default, tmp_path / "f", entropy_coef=0.3,
+                         fused_loss=True)
+    inputs = generation_batch(plain)
+    seen = []
+    original = trl_head.fused_linear_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weight_grad"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trl_head, "fused_linear_loss", spy)
+    _, grads_p = loss_and_grads(plain, inputs)
+    fused.model.train()
+    fused.model.zero_grad()
+    head = fused.model.get_output_embeddings().weight
+    fused.current_gradient_accumulation_steps = 1
+    head.grad = torch.ones_like(head)  # an earlier micro-batch's gradient
+    fused.compute_loss(fused.model, inputs).backward()
+    assert seen and seen[-1] is head.grad
+    name = next(n for n, p in fused.model.named_parameters() if p is head)
+    torch.testing.assert_close(head.grad - 1, grads_p[name], atol=1e-6, rtol=1e-4)

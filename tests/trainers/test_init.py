@@ -8,7 +8,8 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
 from llm_entreg.recipes import config_class, trainer_fields
 from llm_entreg.trainers import (ALGORITHMS, EntropyDPOConfig, EntropyDPOTrainer, EntropyGRPOConfig,
-                                 EntropyGRPOTrainer, EntropyPPOConfig, EntropyPPOTrainer)
+                                 EntropyGRPOTrainer, EntropyPPOConfig, EntropyPPOTrainer, EntropyRLOOConfig,
+                                 EntropyRLOOTrainer, EntropySFTConfig, EntropySFTTrainer)
 
 
 def test_registry_names_each_algorithm_once():
@@ -16,7 +17,12 @@ def test_registry_names_each_algorithm_once():
         "dpo": (EntropyDPOConfig, EntropyDPOTrainer, "preferences"),
         "grpo": (EntropyGRPOConfig, EntropyGRPOTrainer, "rewards"),
         "ppo": (EntropyPPOConfig, EntropyPPOTrainer, "rewards"),
+        "rloo": (EntropyRLOOConfig, EntropyRLOOTrainer, "rewards"),
+        "sft": (EntropySFTConfig, EntropySFTTrainer, "demonstrations"),
     }
+    from trl import RLOOTrainer, SFTTrainer
+
+    assert issubclass(EntropyRLOOTrainer, RLOOTrainer) and issubclass(EntropySFTTrainer, SFTTrainer)
     assert issubclass(EntropyDPOTrainer, DPOTrainer) and issubclass(EntropyDPOConfig, DPOConfig)
     for algorithm in ("grpo", "ppo"):
         assert issubclass(ALGORITHMS[algorithm].trainer, GRPOTrainer)
