@@ -103,8 +103,15 @@ def plot_training_curves(history: list[dict], path: str | Path, title: str = "",
     for i, ax in enumerate(axes.flat):
         if i >= len(panels) + len(held):
             ax.set_visible(False)
-            continue
-        ax.set_xlabel("optimizer step")
+    return _finish(fig, [ax for ax in axes.flat if ax.get_visible()], "optimizer step", path, title)
+
+
+def _finish(fig, axes, xlabel: str, path: str | Path, title: str) -> Path:
+    """Label, grid and legend the panels, title the figure, write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -143,15 +150,4 @@ def plot_pseudo_label_rounds(records: list[dict], path: str | Path, title: str =
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", label=key)
         ax.set_title(label)
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, list(axes), "round", path, title)

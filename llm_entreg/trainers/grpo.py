@@ -100,7 +100,19 @@ def with_entropy_reward(reward: EntropyReward, config, args: tuple, kwargs: dict
     return args, {**kwargs, "reward_funcs": funcs}
 
 
-class EntropyGRPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPolicyLossMixin, GRPOTrainer):
+class CapturedEntropiesMixin:
+    """TRL's per-token log-prob pass of a generated batch, its entropies (with their graph) kept while the loss is
+    computed (GRPO, RLOO)."""
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._entropy_capturing and entropies is not None:
+            self._entropy_captured.append(entropies)
+        return logps, entropies, aux
+
+
+class EntropyGRPOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, OwnPolicyLossMixin, FusedPolicyLossMixin,
+                         GRPOTrainer):
     """``trl.GRPOTrainer`` with our entropy bonus. Same constructor; ``args`` must be an :class:`EntropyGRPOConfig`.
 
     Logs TRL's metrics (``entropy``, ``kl``, clip ratios, rewards) plus ``entropy_coef`` and ``entropy_bonus``.
@@ -133,12 +145,6 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPo
     def _entropy_mask(self, inputs) -> torch.Tensor:
         return self._completion_loss_mask(inputs)
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._entropy_capturing and entropies is not None:
-            self._entropy_captured.append(entropies)
-        return logps, entropies, aux
-
     def _compute_loss(self, model, inputs):
         if self.args.fused_loss:
             return self._fused_compute_loss(model, inputs)
@@ -156,10 +162,7 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPo
             entropy = captured[0]
             captured.clear()
             self._entropy_check_finite(loss, entropy, mask)
-        if self.entropy_bonus.entropy_level != "reward":
-            return loss + self._entropy_loss(entropy, mask, mode)
-        self._entropy_measure_only(entropy, mask, mode)  # the bonus is in the rewards (EntropyReward)
-        return loss
+        return self._entropy_applied(loss, entropy, mask, mode)
 
     # ------------------------------------------------------------------ the loss-fused path (fused_loss=True)
     def _fused_compute_loss(self, model, inputs):

@@ -147,6 +147,14 @@ class EntropyRegularizationMixin(CheckpointStateMixin):
         return mask
 
     # ------------------------------------------------------------------ the loss term
+    def _entropy_applied(self, loss: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, mode: str):
+        """``loss`` plus the entropy term; at the reward level (the term is in the rewards) the entropy is only
+        measured for the logs and the controllers."""
+        if self.entropy_bonus.entropy_level != "reward":
+            return loss + self._entropy_loss(entropy, mask, mode)
+        self._entropy_measure_only(entropy, mask, mode)
+        return loss
+
     def _entropy_loss(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """The term to add to the loss for this micro-batch (already scaled for the framework's reductions)."""
         term, scale, parts = self._entropy_term(entropy, mask, mode)

@@ -219,10 +219,7 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPol
                 logps, entropy = captured[0]
                 captured.clear()
                 self._entropy_check_finite(loss, entropy, mask)
-            if self.entropy_bonus.entropy_level != "reward":
-                loss = loss + self._entropy_loss(entropy, mask, mode)
-            else:
-                self._entropy_measure_only(entropy, mask, mode)  # the bonus went into the rewards at rollout
+            loss = self._entropy_applied(loss, entropy, mask, mode)
 
         prompt_completion = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)

@@ -15,7 +15,7 @@ from trl import RLOOConfig, RLOOTrainer
 from trl.trainer import rloo_trainer as trl_rloo_module
 
 from .config import EntropyRegularizationArguments, RunArguments
-from .grpo import EntropyReward, with_entropy_reward
+from .grpo import CapturedEntropiesMixin, EntropyReward, with_entropy_reward
 from .mixin import EntropyRegularizationMixin
 
 
@@ -29,7 +29,7 @@ class EntropyRLOOConfig(EntropyRegularizationArguments, RunArguments, RLOOConfig
         self.validate_entropy_arguments()
 
 
-class EntropyRLOOTrainer(EntropyRegularizationMixin, RLOOTrainer):
+class EntropyRLOOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, RLOOTrainer):
     """``trl.RLOOTrainer`` with our entropy term. Same constructor; ``args`` must be an :class:`EntropyRLOOConfig`.
 
     Logs TRL's metrics (``entropy``, ``kl``, clip ratios, rewards) plus ``entropy_coef`` and ``entropy_bonus``.
@@ -56,12 +56,6 @@ class EntropyRLOOTrainer(EntropyRegularizationMixin, RLOOTrainer):
     def _entropy_mask(self, inputs) -> torch.Tensor:
         return self._completion_loss_mask(inputs)
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._entropy_capturing and entropies is not None:
-            self._entropy_captured.append(entropies)
-        return logps, entropies, aux
-
     def _generate_and_score_completions(self, inputs):
         """TRL's generation batch, plus its completion-token count over every rank (the global normalizer)."""
         output = super()._generate_and_score_completions(inputs)
@@ -81,7 +75,4 @@ class EntropyRLOOTrainer(EntropyRegularizationMixin, RLOOTrainer):
         entropy = captured[0]
         captured.clear()
         self._entropy_check_finite(loss, entropy, mask)
-        if self.entropy_bonus.entropy_level != "reward":
-            return loss + self._entropy_loss(entropy, mask, mode)
-        self._entropy_measure_only(entropy, mask, mode)  # the bonus went into the rewards (EntropyReward)
-        return loss
+        return self._entropy_applied(loss, entropy, mask, mode)
