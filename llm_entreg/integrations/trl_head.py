@@ -73,20 +73,13 @@ def install_fused_head(
     """
     from trl.trainer.utils import FusedCausalLMOutput
 
-    unknown = [o for o in outputs if o not in _OUTPUT_FIELDS]
-    if unknown:
-        raise ValueError(f"outputs: unknown field(s) {unknown}; choose from {_OUTPUT_FIELDS}")
     text_config = model.config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        raise ValueError(
-            "final_logit_softcapping: models that soft-cap their logits (e.g. Gemma 2) are not supported by "
-            "llm_entreg's fused head yet; use trl.trainer.utils.add_fused_lm_head for them"
-        )
-    scale = _logit_scale(text_config)
-    if not scale > 0:
-        raise ValueError(f"logit_scale: the model's logit multiplier must be > 0 for the fused head, got {scale}")
-    effective_temperature = temperature / scale
-    extras = tuple(o for o in ("mean_logits", "is_top1", "log_sum_sq_probs") if o in outputs)
+    effective_temperature = temperature / _checked_logit_scale(text_config, outputs)
+    head_opts = {
+        "temperature": effective_temperature, "backend": backend, "cast_fp32": cast_lm_head_to_fp32,
+        "extras": tuple(o for o in ("mean_logits", "is_top1", "log_sum_sq_probs") if o in outputs),
+        "clamp": (entropy_clamp_top_p, entropy_clamp_top_k),
+    }  # fmt: skip
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
@@ -105,81 +98,26 @@ def install_fused_head(
             kw.setdefault("output_router_logits", True)
         backbone_out = self.base_model(*args, **kw)
         if shift_labels is None:
-            hidden = backbone_out.last_hidden_state[:, :-1]
-            labels = labels[:, 1:]
+            hidden, labels = backbone_out.last_hidden_state[:, :-1], labels[:, 1:]
         else:
             hidden, labels = backbone_out.last_hidden_state, shift_labels
-        head = self.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        hidden = hidden.to(weight.device)
-        labels = labels.to(weight.device)
-        mask = labels != -100
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather the head once
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        autocast_ctx = torch.autocast(hidden.device.type, enabled=False) if cast_lm_head_to_fp32 else nullcontext()
-        if cast_lm_head_to_fp32:
-            hidden = hidden.float()
-        with gathered_params(weight, bias), autocast_ctx:
-            if cast_lm_head_to_fp32:
-                weight_in = weight.float()
-                bias_in = None if bias is None else bias.float()
-            else:
-                weight_in, bias_in = weight, bias
-            if fused_loss_fn is None:
-                stats = linear_token_stats(
-                    hidden.reshape(-1, hidden.shape[-1]),
-                    weight_in,
-                    labels.reshape(-1),
-                    bias=bias_in,
-                    temperature=effective_temperature,
-                    ignore_index=-100,
-                    backend=backend,
-                    extras=extras,
-                    clamp_top_p=entropy_clamp_top_p,
-                    clamp_top_k=entropy_clamp_top_k,
-                )
-            elif entropy_clamp_top_p is not None or entropy_clamp_top_k is not None:
-                raise ValueError("fused_loss_fn: the loss-fused head computes the full entropy; no entropy clamp")
-            else:  # the loss-fused path: the loss's gradient is formed in this forward (ops/fused_loss.py)
-                fused_loss, stats = fused_linear_loss(
-                    hidden.reshape(-1, hidden.shape[-1]),
-                    weight_in,
-                    labels.reshape(-1),
-                    fused_loss_fn,
-                    bias=bias_in,
-                    temperature=effective_temperature,
-                    ignore_index=-100,
-                    backend=backend,
-                    chunk_budget_bytes=fused_loss_chunk_bytes,
-                    groups=fused_loss_groups,
-                    extras=extras,
-                    weight_grad=fused_loss_weight_grad,
-                )
+        fused = None if fused_loss_fn is None else (fused_loss_fn, fused_loss_chunk_bytes, fused_loss_groups,
+                                                    fused_loss_weight_grad)
+        fused_loss, stats, mask = _head_stats(self.get_output_embeddings(), hidden, labels, head_opts, fused)
         per_token = {
             "log_probs": stats.logprobs.view(mask.shape),
             "entropy": stats.entropy.view(mask.shape) if "entropy" in outputs else None,
             # the op saw T / scale, so these are statistics of logits * scale / T, as in TRL
-            "mean_logits": None if stats.mean_logits is None else stats.mean_logits.view(mask.shape),
-            "is_top1": None if stats.is_top1 is None else stats.is_top1.view(mask.shape),
-            "log_sum_sq_probs": None if stats.log_sum_sq_probs is None else stats.log_sum_sq_probs.view(mask.shape),
-        }
-        log_probs = per_token["log_probs"]
+            **{k: None if getattr(stats, k) is None else getattr(stats, k).view(mask.shape)
+               for k in ("mean_logits", "is_top1", "log_sum_sq_probs")},
+        }  # fmt: skip
         if fused_loss_fn is None:
             denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-            loss = -log_probs.sum() / denom
+            loss = -per_token["log_probs"].sum() / denom
         else:
             loss = fused_loss
-        aux_loss = None
-        if kw.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            aux_loss = load_balancing_loss_func(
-                backbone_out.router_logits,
-                text_config.num_experts,
-                text_config.num_experts_per_tok,
-                kw.get("attention_mask"),
-            )
+        aux_loss = _router_aux_loss(backbone_out, text_config, kw) if kw.get("output_router_logits") else None
+        if aux_loss is not None:
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         out = FusedCausalLMOutput(loss=loss, label_mask=mask, aux_loss=aux_loss, **per_token)
         if on_output is not None:
@@ -189,3 +127,63 @@ def install_fused_head(
     model.forward = types.MethodType(fused_forward, model)
     model._llm_entreg_fused_head = {"temperature": temperature, "outputs": tuple(outputs), "backend": backend,
                                     "entropy_clamp": (entropy_clamp_top_p, entropy_clamp_top_k)}
+
+
+def _checked_logit_scale(text_config, outputs) -> float:
+    """The model's logit multiplier, after refusing what the fused head cannot compute."""
+    unknown = [o for o in outputs if o not in _OUTPUT_FIELDS]
+    if unknown:
+        raise ValueError(f"outputs: unknown field(s) {unknown}; choose from {_OUTPUT_FIELDS}")
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        raise ValueError(
+            "final_logit_softcapping: models that soft-cap their logits (e.g. Gemma 2) are not supported by "
+            "llm_entreg's fused head yet; use trl.trainer.utils.add_fused_lm_head for them"
+        )
+    scale = _logit_scale(text_config)
+    if not scale > 0:
+        raise ValueError(f"logit_scale: the model's logit multiplier must be > 0 for the fused head, got {scale}")
+    return scale
+
+
+def _head_stats(head, hidden, labels, opts: dict, fused):
+    """``(fused loss or None, TokenStats, label mask)`` of the head on the labelled positions; ``fused`` is
+    ``(loss_fn, chunk bytes, groups, weight_grad)`` for the loss-fused path, else None."""
+    weight, bias = head.weight, head.bias
+    hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+    mask = labels != -100
+    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: gather the head once
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    cast = opts["cast_fp32"]
+    if cast:
+        hidden = hidden.float()
+    top_p, top_k = opts["clamp"]
+    common = {"temperature": opts["temperature"], "ignore_index": -100, "backend": opts["backend"],
+              "extras": opts["extras"]}
+    with gathered_params(weight, bias), torch.autocast(hidden.device.type, enabled=False) if cast else nullcontext():
+        weight_in = weight.float() if cast else weight
+        bias_in = None if bias is None else (bias.float() if cast else bias)
+        flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        if fused is None:
+            stats = linear_token_stats(flat_h, weight_in, flat_y, bias=bias_in, clamp_top_p=top_p,
+                                       clamp_top_k=top_k, **common)
+            return None, stats, mask
+        if top_p is not None or top_k is not None:
+            raise ValueError("fused_loss_fn: the loss-fused head computes the full entropy; no entropy clamp")
+        loss_fn, chunk_bytes, groups, weight_grad = fused  # the loss's gradient is formed in this forward
+        loss, stats = fused_linear_loss(flat_h, weight_in, flat_y, loss_fn, bias=bias_in,
+                                        chunk_budget_bytes=chunk_bytes, groups=groups, weight_grad=weight_grad,
+                                        **common)
+        return loss, stats, mask
+
+
+def _router_aux_loss(backbone_out, text_config, kw):
+    """The mixture-of-experts load-balancing loss, as the model's own forward adds it."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(
+        backbone_out.router_logits,
+        text_config.num_experts,
+        text_config.num_experts_per_tok,
+        kw.get("attention_mask"),
+    )

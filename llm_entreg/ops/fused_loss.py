@@ -5,6 +5,7 @@ pass, one token chunk of whole-vocabulary logits at a time (6NdV instead of 8NdV
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -149,18 +150,105 @@ def _chunk_loss_grads(loss_fn: LossFn, lp: torch.Tensor, ent: torch.Tensor, rows
     return total.detach(), g_lp, g_h
 
 
+@dataclass(frozen=True)
+class _HeadRun:
+    """The settings every chunk of one fused forward shares."""
+
+    temperature: float
+    ignore_index: int
+    compute_dtype: torch.dtype
+    stat_dtype: torch.dtype
+    use_triton: bool
+    guard: bool  # the bias holds -inf entries
+    vsub: int  # vocabulary sub-block of the chunked path
+    extras: tuple[str, ...]
+
+    @property
+    def inv_t(self) -> float:
+        return 1.0 / self.temperature
+
+
+def _chunk_forward(run: _HeadRun, z: torch.Tensor, tgt_c: torch.Tensor, rows_c: torch.Tensor, extra_full: dict):
+    """``(logprobs, entropy, norm)`` of a stored chunk of raw logits (its extras written into ``extra_full``);
+    ``norm`` is what :func:`_chunk_dz` needs: the ``lse`` (Triton) or the shifted chunk's ``log_s`` (chunked)."""
+    if run.use_triton:
+        for key, value in _chunk_extras(z * run.inv_t if run.extras else z, tgt_c, run.extras).items():
+            extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
+        lp, ent, lse, *_ = triton_logits.row_stats(z, tgt_c, run.temperature, run.ignore_index)
+        return lp, ent, lse
+    if run.inv_t != 1.0:
+        z.mul_(run.inv_t)
+    for key, value in _chunk_extras(z, tgt_c, run.extras).items():
+        extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
+    return _chunk_stats(z, tgt_c, run.guard, run.vsub)
+
+
+def _chunk_dz(run: _HeadRun, z, tgt_c, norm, ent, g_lp, g_h, dz_buf, gb) -> torch.Tensor:
+    """The chunk's ``dL/dz`` in the compute dtype (in place in ``z`` where it can); its column sums go to ``gb``."""
+    if run.use_triton:  # dz straight into the compute dtype (in place when that is fp32)
+        out = z if dz_buf is None else dz_buf[: z.numel()].view(z.shape)
+        dz_c = triton_logits.row_grad(z, tgt_c, norm, ent, g_lp, g_h, run.temperature, run.ignore_index, out)
+        if gb is not None:
+            gb += dz_c.sum(0, dtype=run.stat_dtype)
+        return dz_c
+    for v0 in range(0, z.shape[1], run.vsub):  # dz in place in the stored chunk, sub-block by sub-block
+        blk = z[:, v0 : v0 + run.vsub]
+        dz = grad_tile(blk, tgt_c - v0, norm, ent, g_lp, g_h, run.inv_t, run.guard)
+        if dz.data_ptr() != blk.data_ptr():
+            blk.copy_(dz)
+    if gb is not None:
+        gb += z.sum(0)
+    return z if run.compute_dtype == run.stat_dtype else z.to(run.compute_dtype)
+
+
+def _run_chunks(run: _HeadRun, inputs, rows, groups, token_chunk: int, loss_fn: LossFn, stats, grads):
+    """Loop over the token chunks: per-token statistics into ``stats``, gradients into ``grads``; the loss sum."""
+    hidden, weight, bias, targets = inputs
+    lp_full, ent_full, extra_full = stats
+    grad_hidden, gw, gb = grads
+    sdt, cdt, dev = run.stat_dtype, run.compute_dtype, hidden.device
+    # with groups (DPO pairs) the tokens of one group sit side by side, so a chunk holds whole groups
+    rows, spans = chunk_spans(rows, groups, token_chunk)
+    h = hidden.index_select(0, rows).to(cdt)
+    tgt = targets.index_select(0, rows).long()
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    dz_buf = None
+    if run.use_triton and cdt != sdt:
+        dz_buf = torch.empty(max(r1 - r0 for r0, r1 in spans) * weight.shape[0], dtype=cdt, device=dev)
+    loss = torch.zeros((), dtype=sdt, device=dev)
+    for r0, r1 in spans:
+        h_c, tgt_c, rows_c = h[r0:r1], tgt[r0:r1], rows[r0:r1]
+        z = _logits_into(h_c, w, b, sdt)  # the chunk's [n, V] logits: the one logits GEMM (2ndV)
+        lp, ent, norm = _chunk_forward(run, z, tgt_c, rows_c, extra_full)
+        lp_full.index_copy_(0, rows_c, lp.to(sdt))
+        ent_full.index_copy_(0, rows_c, ent.to(sdt))
+        chunk_loss, g_lp, g_h = _chunk_loss_grads(loss_fn, lp, ent, rows_c)
+        loss = loss + chunk_loss
+        if (g_lp is None and g_h is None) or all(g is None for g in grads):
+            continue
+        g_lp = None if g_lp is None else g_lp.to(sdt).contiguous()
+        g_h = None if g_h is None else g_h.to(sdt).contiguous()
+        dz_c = _chunk_dz(run, z, tgt_c, norm, ent, g_lp, g_h, dz_buf, gb)
+        del z
+        if grad_hidden is not None:  # 2ndV
+            gh_c = torch.zeros(r1 - r0, hidden.shape[1], dtype=sdt, device=dev)
+            _acc_mm(gh_c, dz_c, w)
+            grad_hidden.index_copy_(0, rows_c, gh_c.to(hidden.dtype))
+        if gw is not None:  # 2ndV
+            _acc_mm(gw, dz_c.t(), h_c)
+    return loss
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, loss_fn, cfg, groups, weight_grad):
         temperature, ignore_index, compute_dtype, token_chunk, need, use_triton, extras = cfg
         need_h, need_w, need_b = need
         ctx.set_materialize_grads(False)
-        n_all, d = hidden.shape
-        dev = hidden.device
+        n_all, dev = hidden.shape[0], hidden.device
         sdt = _stat_dtype(compute_dtype)
-        inv_t = 1.0 / temperature
         rows = torch.nonzero(targets != ignore_index).squeeze(1)
-        n_valid = rows.numel()
         lp_full = torch.zeros(n_all, dtype=sdt, device=dev)
         ent_full = torch.zeros(n_all, dtype=sdt, device=dev)
         extra_full = {"mean_logits": torch.zeros(n_all, dtype=sdt, device=dev),
@@ -169,66 +257,16 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         gw = gb = None
         with gathered_params(weight, bias), torch.autocast(dev.type, enabled=False):
-            n_vocab = weight.shape[0]
             guard = bias is not None and bool(torch.isneginf(bias).any())
             vsub = VOCAB_CHUNK["cuda" if dev.type == "cuda" else "cpu"]
-            tc = token_chunk
+            run = _HeadRun(temperature, ignore_index, compute_dtype, sdt, use_triton, guard, vsub, extras)
             if need_w:  # straight into the caller's fp32 buffer (the weight's own .grad) when given: no second [V, d]
                 gw = weight_grad if weight_grad is not None else torch.zeros(weight.shape, dtype=sdt, device=dev)
             if need_b and bias is not None:
-                gb = torch.zeros(n_vocab, dtype=sdt, device=dev)
-            if n_valid:
-                # with groups (DPO pairs) the tokens of one group sit side by side, so a chunk holds whole groups
-                rows, spans = chunk_spans(rows, groups, tc)
-                h = hidden.index_select(0, rows).to(compute_dtype)
-                tgt = targets.index_select(0, rows).long()
-                w = weight.to(compute_dtype)
-                b = None if bias is None else bias.to(compute_dtype)
-                dz_buf = None
-                if use_triton and compute_dtype != sdt:
-                    dz_buf = torch.empty(max(r1 - r0 for r0, r1 in spans) * n_vocab, dtype=compute_dtype, device=dev)
-                for r0, r1 in spans:
-                    h_c, tgt_c, rows_c = h[r0:r1], tgt[r0:r1], rows[r0:r1]
-                    z = _logits_into(h_c, w, b, sdt)  # the chunk's [n, V] logits: the one logits GEMM (2ndV)
-                    if use_triton:
-                        for key, value in _chunk_extras(z * inv_t if extras else z, tgt_c, extras).items():
-                            extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
-                        lp, ent, lse, *_ = triton_logits.row_stats(z, tgt_c, temperature, ignore_index)
-                    else:
-                        if inv_t != 1.0:
-                            z.mul_(inv_t)
-                        for key, value in _chunk_extras(z, tgt_c, extras).items():
-                            extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
-                        lp, ent, log_s = _chunk_stats(z, tgt_c, guard, vsub)
-                    lp_full.index_copy_(0, rows_c, lp.to(sdt))
-                    ent_full.index_copy_(0, rows_c, ent.to(sdt))
-                    chunk_loss, g_lp, g_h = _chunk_loss_grads(loss_fn, lp, ent, rows_c)
-                    loss = loss + chunk_loss
-                    if (g_lp is None and g_h is None) or not (need_h or need_w or gb is not None):
-                        continue
-                    g_lp = None if g_lp is None else g_lp.to(sdt).contiguous()
-                    g_h = None if g_h is None else g_h.to(sdt).contiguous()
-                    if use_triton:  # dz straight into the compute dtype (in place when that is fp32)
-                        out = z if dz_buf is None else dz_buf[: z.numel()].view(z.shape)
-                        dz_c = triton_logits.row_grad(z, tgt_c, lse, ent, g_lp, g_h, temperature, ignore_index, out)
-                        if gb is not None:
-                            gb += dz_c.sum(0, dtype=sdt)
-                    else:
-                        for v0 in range(0, n_vocab, vsub):  # dz in place in the stored chunk, sub-block by sub-block
-                            blk = z[:, v0 : v0 + vsub]
-                            dz = grad_tile(blk, tgt_c - v0, log_s, ent, g_lp, g_h, inv_t, guard)
-                            if dz.data_ptr() != blk.data_ptr():
-                                blk.copy_(dz)
-                        if gb is not None:
-                            gb += z.sum(0)
-                        dz_c = z if compute_dtype == sdt else z.to(compute_dtype)
-                    del z
-                    if need_h:  # 2ndV
-                        gh_c = torch.zeros(r1 - r0, d, dtype=sdt, device=dev)
-                        _acc_mm(gh_c, dz_c, w)
-                        grad_hidden.index_copy_(0, rows_c, gh_c.to(hidden.dtype))
-                    if need_w:  # 2ndV
-                        _acc_mm(gw, dz_c.t(), h_c)
+                gb = torch.zeros(weight.shape[0], dtype=sdt, device=dev)
+            if rows.numel():
+                loss = _run_chunks(run, (hidden, weight, bias, targets), rows, groups, token_chunk, loss_fn,
+                                   (lp_full, ent_full, extra_full), (grad_hidden, gw, gb))
         ctx.grads = (
             grad_hidden,
             None if gw is None or weight_grad is not None else gw.to(weight.dtype),
@@ -292,48 +330,14 @@ def fused_linear_loss(
         ``weight``, ``bias`` (its backward only scales gradients computed in the forward), and the per-token
         ``TokenStats(logprobs, entropy)`` ``[N]`` in the loss dtype (detached; 0 at ignored positions) for logging.
     """
-    compute_dtype = check_linear(hidden, weight, bias, targets, temperature, ignore_index)
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn: expected a callable (logprobs, entropy, rows) -> per-token loss, got {loss_fn!r}")
-    if backend not in FUSED_LOSS_BACKENDS:
-        raise ValueError(f"backend: expected one of {FUSED_LOSS_BACKENDS}, got {backend!r}")
-    bad_chunk = isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1
-    if token_chunk is not None and bad_chunk:
-        raise ValueError(f"token_chunk: expected a positive int or None, got {token_chunk!r}")
-    if chunk_budget_bytes is None:
-        chunk_budget_bytes = CUDA_CHUNK_BUDGET_BYTES if hidden.is_cuda else CHUNK_BUDGET_BYTES
-    if isinstance(chunk_budget_bytes, bool) or not isinstance(chunk_budget_bytes, int) or chunk_budget_bytes < 1:
-        raise ValueError(f"chunk_budget_bytes: expected a positive int, got {chunk_budget_bytes!r}")
-    if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"hidden: compute dtype {compute_dtype} is not supported")
-    if backend == "auto" and compute_dtype == torch.float64:
-        backend = "chunked"  # the Triton kernels compute in fp32/bf16/fp16
-    backend = resolve_backend(backend, hidden.device)  # auto -> triton on CUDA; refuses triton without triton
-    if backend == "triton" and compute_dtype == torch.float64:
-        raise ValueError("backend: 'triton' computes in fp32/bf16/fp16; use 'chunked' for float64 inputs")
-
+    compute_dtype, backend, chunk_budget_bytes = _check_fused_args(
+        hidden, weight, bias, targets, loss_fn,
+        (temperature, ignore_index, backend, token_chunk, chunk_budget_bytes, groups, weight_grad),
+    )  # fmt: skip
     extras = tuple(e for e in ("mean_logits", "is_top1") if e in extras)
-    _check_weight_grad(weight_grad, weight, compute_dtype, backend)
-    if groups is not None and tuple(groups.shape) != tuple(targets.reshape(-1).shape):
-        raise ValueError(f"groups: expected one group id per position ({targets.numel()}), got {tuple(groups.shape)}")
     if backend == "torch":
-        sdt = _stat_dtype(compute_dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            stats = reference_linear_token_stats(
-                hidden.to(compute_dtype), weight.to(compute_dtype), targets,
-                bias=None if bias is None else bias.to(compute_dtype),
-                temperature=temperature, ignore_index=ignore_index, dtype=sdt, extras=extras,
-            )  # fmt: skip
-        rows = torch.nonzero(targets != ignore_index).squeeze(1)
-        loss = torch.zeros((), dtype=sdt, device=hidden.device)
-        if rows.numel():
-            per_token = loss_fn(stats.logprobs[rows], stats.entropy[rows], rows)
-            if not isinstance(per_token, torch.Tensor) or tuple(per_token.shape) != (rows.numel(),):
-                raise ValueError(f"loss_fn: must return a per-token tensor of shape [{rows.numel()}]")
-            loss = loss + per_token.sum()
-        return loss, TokenStats(stats.logprobs.detach(), stats.entropy.detach(), mean_logits=stats.mean_logits,
-                                is_top1=stats.is_top1)
-
+        return _reference_fused_loss(hidden, weight, bias, targets, loss_fn, compute_dtype,
+                                     (temperature, ignore_index, extras))
     tc = token_chunk or token_chunk_for_budget(weight.shape[0], compute_dtype, chunk_budget_bytes)
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (hidden, weight, bias))
@@ -353,3 +357,52 @@ def _check_weight_grad(weight_grad, weight, compute_dtype, backend: str) -> None
     if weight_grad.dtype != sdt or tuple(weight_grad.shape) != tuple(weight.shape):
         raise ValueError(f"weight_grad: expected a {sdt} tensor shaped like the weight {tuple(weight.shape)}, got "
                          f"{weight_grad.dtype} {tuple(weight_grad.shape)}")
+
+
+def _check_fused_args(hidden, weight, bias, targets, loss_fn, opts):
+    """Check :func:`fused_linear_loss`'s arguments; ``(compute dtype, resolved backend, chunk budget)``."""
+    temperature, ignore_index, backend, token_chunk, chunk_budget_bytes, groups, weight_grad = opts
+    compute_dtype = check_linear(hidden, weight, bias, targets, temperature, ignore_index)
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn: expected a callable (logprobs, entropy, rows) -> per-token loss, got {loss_fn!r}")
+    if backend not in FUSED_LOSS_BACKENDS:
+        raise ValueError(f"backend: expected one of {FUSED_LOSS_BACKENDS}, got {backend!r}")
+    bad_chunk = isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 1
+    if token_chunk is not None and bad_chunk:
+        raise ValueError(f"token_chunk: expected a positive int or None, got {token_chunk!r}")
+    if chunk_budget_bytes is None:
+        chunk_budget_bytes = CUDA_CHUNK_BUDGET_BYTES if hidden.is_cuda else CHUNK_BUDGET_BYTES
+    if isinstance(chunk_budget_bytes, bool) or not isinstance(chunk_budget_bytes, int) or chunk_budget_bytes < 1:
+        raise ValueError(f"chunk_budget_bytes: expected a positive int, got {chunk_budget_bytes!r}")
+    if compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"hidden: compute dtype {compute_dtype} is not supported")
+    if backend == "auto" and compute_dtype == torch.float64:
+        backend = "chunked"  # the Triton kernels compute in fp32/bf16/fp16
+    backend = resolve_backend(backend, hidden.device)  # auto -> triton on CUDA; refuses triton without triton
+    if backend == "triton" and compute_dtype == torch.float64:
+        raise ValueError("backend: 'triton' computes in fp32/bf16/fp16; use 'chunked' for float64 inputs")
+    _check_weight_grad(weight_grad, weight, compute_dtype, backend)
+    if groups is not None and tuple(groups.shape) != tuple(targets.reshape(-1).shape):
+        raise ValueError(f"groups: expected one group id per position ({targets.numel()}), got {tuple(groups.shape)}")
+    return compute_dtype, backend, chunk_budget_bytes
+
+
+def _reference_fused_loss(hidden, weight, bias, targets, loss_fn, compute_dtype, opts):
+    """The ``torch`` backend: materialized statistics, the loss differentiated by autograd."""
+    temperature, ignore_index, extras = opts
+    sdt = _stat_dtype(compute_dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        stats = reference_linear_token_stats(
+            hidden.to(compute_dtype), weight.to(compute_dtype), targets,
+            bias=None if bias is None else bias.to(compute_dtype),
+            temperature=temperature, ignore_index=ignore_index, dtype=sdt, extras=extras,
+        )  # fmt: skip
+    rows = torch.nonzero(targets != ignore_index).squeeze(1)
+    loss = torch.zeros((), dtype=sdt, device=hidden.device)
+    if rows.numel():
+        per_token = loss_fn(stats.logprobs[rows], stats.entropy[rows], rows)
+        if not isinstance(per_token, torch.Tensor) or tuple(per_token.shape) != (rows.numel(),):
+            raise ValueError(f"loss_fn: must return a per-token tensor of shape [{rows.numel()}]")
+        loss = loss + per_token.sum()
+    return loss, TokenStats(stats.logprobs.detach(), stats.entropy.detach(), mean_logits=stats.mean_logits,
+                            is_top1=stats.is_top1)

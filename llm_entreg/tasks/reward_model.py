@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -222,45 +223,59 @@ def _likelihood_reward_model(lm, tokenizer, alphabet: list[int]):
 
     See the module docstring. Returns a ``...ForSequenceClassification`` whose score on any text is the mean over
     positions ``j`` of ``z_{j-1}[x_j] - mean_a z_{j-1}[a]`` for tokens ``x_j`` of the ``alphabet`` (0 for other
-    tokens), where ``z_{j-1}`` are the policy's logits at the previous position (over the alphabet ``a``).
+    tokens), where ``z_{j-1}`` are the policy's logits at the previous position (over the alphabet ``a``); the
+    first position reads its own logits ``z_0``.
     """
     from transformers import AutoModelForSequenceClassification
 
     src = lm.config
-    H = src.hidden_size
-    n_heads, n_kv = src.num_attention_heads, src.num_key_value_heads
-    head_dim = getattr(src, "head_dim", None) or H // n_heads
-    rep = n_heads // n_kv
-    L = src.num_hidden_layers
-    n = len(alphabet)
-    if n + 1 > n_kv * head_dim:
-        raise ValueError(f"alphabet: {n} tokens do not fit the {n_kv * head_dim} value channels of one layer")
-    if n > src.intermediate_size:
-        raise ValueError(f"alphabet: {n} tokens exceed intermediate_size={src.intermediate_size}")
-    # Extra residual channels, after the policy's H.
-    CONST, S, S2 = H, H + 1, H + 2
-    D = [H + 3 + i for i in range(n)]  # copied logits of the previous position
-    OH = [H + 3 + n + i for i in range(n)]  # one-hot marker of the current token
-    H2 = -(-(H + 3 + 2 * n) // n_heads) * n_heads  # some configs (Llama) insist on a multiple of the heads
-    rho = _K / math.sqrt(H2)  # RMS of the residual once the constant channel is written
-    keep = math.sqrt(H / H2)  # rescales the policy's norm weights for the wider vector
-
+    lay = _readout_layout(src, len(alphabet))
     cfg = _config_dict(
         src,
-        hidden_size=H2,
-        head_dim=head_dim,
-        num_hidden_layers=L + 2,
-        layer_types=list(getattr(src, "layer_types", None) or ["full_attention"] * L) + ["full_attention"] * 2,
+        hidden_size=lay.H2,
+        head_dim=lay.head_dim,
+        num_hidden_layers=lay.L + 2,
+        layer_types=list(getattr(src, "layer_types", None) or ["full_attention"] * lay.L) + ["full_attention"] * 2,
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
     )
     if "attention_bias" in cfg:  # Llama: the previous-token head needs query / key biases
         cfg["attention_bias"] = True
-    config = src.__class__(**cfg)
-    model = AutoModelForSequenceClassification.from_config(config).float()
+    model = AutoModelForSequenceClassification.from_config(src.__class__(**cfg)).float()
     base, old = model.model, lm.model
     for p in model.parameters():
         p.zero_()
+    _embed_policy(base, old, alphabet, lay)
+    rows = lm.get_output_embeddings().weight[alphabet]  # (alphabet, H)
+    _write_copy_layer(base, old, rows - rows.mean(0, keepdim=True), lay, src.max_position_embeddings)
+    _write_average_layer(base, old, lay)
+    model.score.weight[0, lay.S2] = 1.0
+    model.config.likelihood_readout = {"alphabet": alphabet, "policy_hidden_size": lay.H, "policy_layers": lay.L}
+    return model
+
+
+def _readout_layout(src, n: int) -> SimpleNamespace:
+    """Sizes and extra residual channels (after the policy's ``H``) of the readout for an alphabet of ``n``."""
+    H = src.hidden_size
+    n_heads, n_kv = src.num_attention_heads, src.num_key_value_heads
+    head_dim = getattr(src, "head_dim", None) or H // n_heads
+    if n + 1 > n_kv * head_dim:
+        raise ValueError(f"alphabet: {n} tokens do not fit the {n_kv * head_dim} value channels of one layer")
+    if n > src.intermediate_size:
+        raise ValueError(f"alphabet: {n} tokens exceed intermediate_size={src.intermediate_size}")
+    H2 = -(-(H + 3 + 2 * n) // n_heads) * n_heads  # some configs (Llama) insist on a multiple of the heads
+    return SimpleNamespace(
+        H=H, H2=H2, L=src.num_hidden_layers, n=n, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+        rep=n_heads // n_kv, CONST=H, S=H + 1, S2=H + 2,
+        D=[H + 3 + i for i in range(n)],  # copied logits of the previous position
+        OH=[H + 3 + n + i for i in range(n)],  # one-hot marker of the current token
+        rho=_K / math.sqrt(H2),  # RMS of the residual once the constant channel is written
+        keep=math.sqrt(H / H2),  # rescales the policy's norm weights for the wider vector
+    )  # fmt: skip
+
+
+def _embed_policy(base, old, alphabet: list[int], lay: SimpleNamespace) -> None:
+    """The policy in the first ``H`` channels, and a one-hot marker channel per alphabet token."""
 
     def put(dst: torch.nn.Linear, src_lin: torch.nn.Linear):
         out_f, in_f = src_lin.weight.shape
@@ -268,66 +283,63 @@ def _likelihood_reward_model(lm, tokenizer, alphabet: list[int]):
         if src_lin.bias is not None:
             dst.bias[:out_f] = src_lin.bias
 
-    # The policy, embedded in the first H channels.
-    base.embed_tokens.weight[:, :H] = old.embed_tokens.weight
+    base.embed_tokens.weight[:, : lay.H] = old.embed_tokens.weight
     for i, tok in enumerate(alphabet):
-        base.embed_tokens.weight[tok, OH[i]] = _EPS
-    for new_layer, old_layer in zip(base.layers[:L], old.layers, strict=True):
+        base.embed_tokens.weight[tok, lay.OH[i]] = _EPS
+    for new_layer, old_layer in zip(base.layers[: lay.L], old.layers, strict=True):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             put(getattr(new_layer.self_attn, name), getattr(old_layer.self_attn, name))
         for name in ("gate_proj", "up_proj", "down_proj"):
             put(getattr(new_layer.mlp, name), getattr(old_layer.mlp, name))
-        new_layer.input_layernorm.weight[:H] = old_layer.input_layernorm.weight * keep
-        new_layer.post_attention_layernorm.weight[:H] = old_layer.post_attention_layernorm.weight * keep
-    lm_head = lm.get_output_embeddings().weight  # (vocab, H)
-    rows = lm_head[alphabet]
-    centered = rows - rows.mean(0, keepdim=True)
+        new_layer.input_layernorm.weight[: lay.H] = old_layer.input_layernorm.weight * lay.keep
+        new_layer.post_attention_layernorm.weight[: lay.H] = old_layer.post_attention_layernorm.weight * lay.keep
 
-    # Layer A: previous-token head copying the centered alphabet logits, plus the constant channel.
-    a = base.layers[L]
-    a.input_layernorm.weight[:H] = old.norm.weight * keep  # = the policy's final norm on the policy channels
+
+def _write_copy_layer(base, old, centered: torch.Tensor, lay: SimpleNamespace, max_positions: int) -> None:
+    """Layer A: a previous-token head copying the centered alphabet logits, plus the constant channel; its MLP
+    writes the current token's copied logit into ``S``."""
+    a = base.layers[lay.L]
+    a.input_layernorm.weight[: lay.H] = old.norm.weight * lay.keep  # = the policy's final norm on its channels
     inv_freq = base.rotary_emb.inv_freq.detach().cpu().double()
     for amplitude in (_PREV_AMPLITUDE, 2 * _PREV_AMPLITUDE, 4 * _PREV_AMPLITUDE):
-        qb, kb = _previous_token_bias(inv_freq, head_dim, amplitude)
-        worst = _check_previous_token_head(qb, kb, inv_freq, head_dim, src.max_position_embeddings)
+        qb, kb = _previous_token_bias(inv_freq, lay.head_dim, amplitude)
+        worst = _check_previous_token_head(qb, kb, inv_freq, lay.head_dim, max_positions)
         if worst >= 0.99:
             break
     else:
         raise RuntimeError(f"previous-token head too blurred for this RoPE configuration ({worst:.3f} on offset 1)")
-    for h in range(n_heads):
-        a.self_attn.q_proj.bias[h * head_dim : (h + 1) * head_dim] = qb
-    for g in range(n_kv):
-        a.self_attn.k_proj.bias[g * head_dim : (g + 1) * head_dim] = kb
-    slots = [(i // head_dim, i % head_dim) for i in range(n + 1)]  # (kv head, dim) of each value
-    for i, (g, t) in enumerate(slots):
-        row = g * head_dim + t
-        col = (g * rep) * head_dim + t  # first query head of that kv group
-        if i < n:
-            a.self_attn.v_proj.weight[row, :H] = centered[i]
-            a.self_attn.o_proj.weight[D[i], col] = _ALPHA
+    hd = lay.head_dim
+    for h in range(lay.n_heads):
+        a.self_attn.q_proj.bias[h * hd : (h + 1) * hd] = qb
+    for g in range(lay.n_kv):
+        a.self_attn.k_proj.bias[g * hd : (g + 1) * hd] = kb
+    for i in range(lay.n + 1):  # (kv head g, dim t) of each value
+        g, t = i // hd, i % hd
+        row, col = g * hd + t, (g * lay.rep) * hd + t  # col: the first query head of that kv group
+        if i < lay.n:
+            a.self_attn.v_proj.weight[row, : lay.H] = centered[i]
+            a.self_attn.o_proj.weight[lay.D[i], col] = _ALPHA
         else:
             a.self_attn.v_proj.bias[row] = 1.0
-            a.self_attn.o_proj.weight[CONST, col] = _K
-    for i in range(n):
-        a.post_attention_layernorm.weight[D[i]] = rho / _ALPHA  # -> the logit itself
-        a.post_attention_layernorm.weight[OH[i]] = rho / _EPS  # -> 1 for the current token, 0 otherwise
-        a.mlp.gate_proj.weight[i, OH[i]] = _GATE
-        a.mlp.up_proj.weight[i, D[i]] = 1.0
-        a.mlp.down_proj.weight[S, i] = 1.0 / torch.nn.functional.silu(torch.tensor(_GATE)).item()
+            a.self_attn.o_proj.weight[lay.CONST, col] = _K
+    for i in range(lay.n):
+        a.post_attention_layernorm.weight[lay.D[i]] = lay.rho / _ALPHA  # -> the logit itself
+        a.post_attention_layernorm.weight[lay.OH[i]] = lay.rho / _EPS  # -> 1 for the current token, 0 otherwise
+        a.mlp.gate_proj.weight[i, lay.OH[i]] = _GATE
+        a.mlp.up_proj.weight[i, lay.D[i]] = 1.0
+        a.mlp.down_proj.weight[lay.S, i] = 1.0 / torch.nn.functional.silu(torch.tensor(_GATE)).item()
 
-    # Layer B: uniform causal attention averaging the per-token log-likelihood S into S2.
-    b = base.layers[L + 1]
-    b.input_layernorm.weight[S] = rho
-    b.self_attn.v_proj.weight[0, S] = 1.0
-    b.self_attn.o_proj.weight[S2, 0] = 1.0
+
+def _write_average_layer(base, old, lay: SimpleNamespace) -> None:
+    """Layer B: uniform causal attention averaging the per-token log-likelihood ``S`` into ``S2``; the final norm."""
+    b = base.layers[lay.L + 1]
+    b.input_layernorm.weight[lay.S] = lay.rho
+    b.self_attn.v_proj.weight[0, lay.S] = 1.0
+    b.self_attn.o_proj.weight[lay.S2, 0] = 1.0
     b.post_attention_layernorm.weight.fill_(1.0)
-
-    base.norm.weight[:H] = old.norm.weight
-    base.norm.weight[H:] = 1.0
-    base.norm.weight[S2] = rho
-    model.score.weight[0, S2] = 1.0
-    model.config.likelihood_readout = {"alphabet": alphabet, "policy_hidden_size": H, "policy_layers": L}
-    return model
+    base.norm.weight[: lay.H] = old.norm.weight
+    base.norm.weight[lay.H :] = 1.0
+    base.norm.weight[lay.S2] = lay.rho
 
 
 def _trainable_masks(model) -> dict[str, torch.Tensor | None]:
@@ -529,9 +541,6 @@ def train_reward_model(default: EmbeddedDefault, config: RewardModelConfig | Non
     """Build and train the reward model in memory (no cache). Returns ``(model, tokenizer, metrics)``; the metrics
     hold the held-out (validation) pairwise accuracy before and after training, the training-pair accuracy, the
     ``RewardTrainer`` log and the timings."""
-    from transformers import PrinterCallback
-    from trl import RewardConfig, RewardTrainer
-
     config = config or RewardModelConfig()
     t0 = time.perf_counter()
     train, val = _training_pairs(default, config)
@@ -541,49 +550,7 @@ def train_reward_model(default: EmbeddedDefault, config: RewardModelConfig | Non
     train_before = pairwise_accuracy(model, tokenizer, train_probe)
     if log is not None:
         log(f"reward model: held-out pairwise accuracy before training {before:.3f}")
-    history: list[dict] = []
-    train_seconds = 0.0
-    if config.max_steps > 0:
-        dataset = _encode_pairs(tokenizer, train)
-        handles = _restrict_training(model) if config.readout == "likelihood" else []
-        with tempfile.TemporaryDirectory(prefix="llm_entreg_rm_") as out_dir:
-            args = RewardConfig(
-                output_dir=out_dir,
-                max_steps=config.max_steps,
-                per_device_train_batch_size=config.batch_size,
-                learning_rate=config.lr,
-                lr_scheduler_type="cosine",
-                warmup_steps=config.warmup_steps,
-                weight_decay=config.weight_decay,
-                center_rewards_coefficient=config.center_rewards_coefficient,
-                max_length=None,
-                logging_steps=max(1, config.max_steps // 5),
-                report_to=[],
-                save_strategy="no",
-                use_cpu=True,
-                bf16=False,
-                fp16=False,
-                disable_tqdm=True,
-                dataloader_num_workers=0,
-                seed=config.seed,
-                data_seed=config.seed,
-                # TRL turns checkpointing on by default; recent transformers renamed the flag (the old name warns).
-                **{_checkpointing_flag(RewardConfig): False},
-            )
-            with _quiet_transformers():
-                trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-                trainer.remove_callback(PrinterCallback)  # no per-log print of the metrics dict
-                t1 = time.perf_counter()
-                trainer.train()
-                train_seconds = time.perf_counter() - t1
-            history = [
-                {k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in trainer.state.log_history
-            ]
-            del trainer
-        for h in handles:
-            h.remove()
-        for p in model.parameters():
-            p.requires_grad_(True)
+    history, train_seconds = _fit_reward_model(model, tokenizer, train, config) if config.max_steps > 0 else ([], 0.0)
     model.eval()
     after = pairwise_accuracy(model, tokenizer, val)
     metrics = {
@@ -603,6 +570,52 @@ def train_reward_model(default: EmbeddedDefault, config: RewardModelConfig | Non
     if log is not None:
         log(f"reward model: {config.max_steps} steps in {train_seconds:.1f}s, held-out pairwise accuracy {after:.3f}")
     return model, tokenizer, metrics
+
+
+def _fit_reward_model(model, tokenizer, train, config: RewardModelConfig) -> tuple[list[dict], float]:
+    """Train ``model`` in place with TRL's ``RewardTrainer``; ``(numeric log history, training seconds)``."""
+    from transformers import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    dataset = _encode_pairs(tokenizer, train)
+    handles = _restrict_training(model) if config.readout == "likelihood" else []
+    with tempfile.TemporaryDirectory(prefix="llm_entreg_rm_") as out_dir:
+        args = RewardConfig(
+            output_dir=out_dir,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup_steps,
+            weight_decay=config.weight_decay,
+            center_rewards_coefficient=config.center_rewards_coefficient,
+            max_length=None,
+            logging_steps=max(1, config.max_steps // 5),
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=config.seed,
+            data_seed=config.seed,
+            # TRL turns checkpointing on by default; recent transformers renamed the flag (the old name warns).
+            **{_checkpointing_flag(RewardConfig): False},
+        )
+        with _quiet_transformers():
+            trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+            trainer.remove_callback(PrinterCallback)  # no per-log print of the metrics dict
+            t1 = time.perf_counter()
+            trainer.train()
+            train_seconds = time.perf_counter() - t1
+        history = [{k: v for k, v in entry.items() if isinstance(v, (int, float))} for entry in trainer.state.log_history]
+        del trainer
+    for h in handles:
+        h.remove()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return history, train_seconds
 
 
 # ---------------------------------------------------------------------------------------------------------------

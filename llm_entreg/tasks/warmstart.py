@@ -217,14 +217,7 @@ def train_warm_start(config: WarmStartConfig, log=None):
     val_subset = splits["validation"][:128]
     before = evaluate(model, tokenizer, val_subset, sampled=False)
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer = _adamw(model, config)
     model.train()
     losses: list[float] = []
     probe_history: list[tuple[int, float]] = []
@@ -234,15 +227,7 @@ def train_warm_start(config: WarmStartConfig, log=None):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         idx = torch.randint(input_ids.shape[0], (config.batch_size,), generator=gen)
-        width = int(attention_mask[idx].sum(1).max())
-        ids, lab, am = input_ids[idx, :width], labels[idx, :width], attention_mask[idx, :width]
-        logits = model(input_ids=ids, attention_mask=am).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(_supervised_step(model, optimizer, (input_ids, labels, attention_mask), idx))
         steps = step + 1
         if steps % config.eval_every == 0 or steps == config.max_steps:
             acc = _probe_accuracy(model, tokenizer, probe, sampled_probe)
@@ -269,6 +254,33 @@ def train_warm_start(config: WarmStartConfig, log=None):
         "torch_threads": torch.get_num_threads(),
     }
     return model, tokenizer, metrics
+
+
+def _adamw(model, config: WarmStartConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms and vectors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def _supervised_step(model, optimizer, data, idx: torch.Tensor) -> float:
+    """One clipped AdamW step of next-token cross-entropy on the rows ``idx`` of ``data = (ids, labels, mask)``,
+    cut to their longest row; the loss."""
+    input_ids, labels, attention_mask = data
+    width = int(attention_mask[idx].sum(1).max())
+    ids, lab, am = input_ids[idx, :width], labels[idx, :width], attention_mask[idx, :width]
+    logits = model(input_ids=ids, attention_mask=am).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
 
 
 def ensure_warm_start(

@@ -16,6 +16,7 @@ from llm_entreg.tasks import (
     build_reward_model,
     ensure_reward_model,
     is_valid_reward_model,
+    load_warm_start,
     load_reward_model,
     pairwise_accuracy,
     read_reward_marker,
@@ -78,6 +79,30 @@ def test_reward_model_learns(rm_setup):
     chance = pairwise_accuracy(linear, tokenizer, default.preference_validation)
     assert abs(chance - 0.5) < 0.15
     assert m["validation_accuracy"] > chance + 0.1
+
+
+def test_untrained_likelihood_readout_is_the_policys_mean_centered_logit(rm_setup):
+    """Before training, the score of a text of alphabet tokens is the mean over its positions ``j`` of the warm
+    start's centered logit ``c_{j-1}[x_j]`` (``c_0[x_0]`` at the first position), read through the two hand-set
+    layers; the tolerance covers the readout's approximations (norm leakage of the marker channels, RoPE blur)."""
+    _, default, _ = rm_setup
+    model, tokenizer = build_reward_model(default, RewardModelConfig(max_steps=0))
+    alphabet = model.config.likelihood_readout["alphabet"]
+    lm = load_warm_start(default.model_path)[0].float().eval()
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.tensor(alphabet)[torch.randint(len(alphabet), (4, 11), generator=gen)]
+    with torch.no_grad():
+        scores = model(x, attention_mask=torch.ones_like(x)).logits.squeeze(1)
+        z = lm(x).logits[:, :, alphabet]
+    c = z - z.mean(-1, keepdim=True)
+    position = torch.full((max(alphabet) + 1,), -1, dtype=torch.long)
+    position[alphabet] = torch.arange(len(alphabet))
+    idx = position[x]  # each token's index in the alphabet
+    prev = torch.cat([c[:, :1], c[:, :-1]], dim=1)  # c_{j-1}, and c_0 at j = 0
+    expected = prev.gather(2, idx.unsqueeze(2)).squeeze(2).mean(1)
+    assert expected.abs().max() > 0.1, "the check needs scores well away from 0"
+    torch.testing.assert_close(scores, expected, rtol=5e-3, atol=5e-4)  # seen: |error| < 1e-4
 
 
 def test_saved_model_scores_like_grpo_trainer(rm_setup):
