@@ -18,6 +18,7 @@ import difflib
 import os
 import re
 import sys
+from typing import NoReturn
 
 from .launch import PREEMPTED_EXIT
 
@@ -115,11 +116,36 @@ def _train(argv: list[str]) -> int:
 
 def _close_process_group() -> None:
     """Tear the process group down before the interpreter exits (every collective of the run is behind this rank
-    already), so no communication thread outlives it: an abort at exit otherwise, seen with DeepSpeed on CPUs."""
+    already). The run's objects (trainer, DDP wrapper) are collected first, so the group and its communication
+    threads go while the interpreter is still whole."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code``. A rank of a multi-process run (``WORLD_SIZE`` > 1) flushes its logs and
+    streams and ends without interpreter finalization: a communication thread torn down during finalization can
+    abort a rank after a finished run (seen, rarely, with gloo DDP and DeepSpeed on CPUs). Its files are closed and
+    its process group destroyed by then. Any other process exits normally."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def entry() -> NoReturn:
+    """The ``llm-entreg`` command and ``python -m llm_entreg``: :func:`main`, then :func:`exit_process`."""
+    exit_process(main())
 
 
 def _relaunch(name: str, argv: list[str]) -> int:

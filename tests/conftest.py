@@ -74,3 +74,22 @@ def run_ranks():
                     p.join()
 
     return run
+
+
+@pytest.fixture
+def launched_commands(monkeypatch):
+    """The commands ``llm_entreg.launch`` starts, recorded instead of run (each "exits" 0 at once)."""
+    from llm_entreg import launch
+
+    calls: list[list[str]] = []
+
+    class Launched:
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+            self.pid = -1
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Launched)
+    return calls

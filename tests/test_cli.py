@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 import llm_entreg.run as run_module
-from llm_entreg import launch
 from llm_entreg.cli import main, split_train_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,18 +32,8 @@ def test_an_unknown_accelerate_config_exits_2_listing_the_known_ones(capsys):
     assert "known names" in capsys.readouterr().err
 
 
-def test_train_with_an_accelerate_config_relaunches_and_forwards_the_rest(monkeypatch):
-    calls = []
-
-    class Launched:
-        def __init__(self, cmd, **kwargs):
-            calls.append(cmd)
-            self.pid = -1
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(launch.subprocess, "Popen", Launched)
+def test_train_with_an_accelerate_config_relaunches_and_forwards_the_rest(launched_commands):
+    calls = launched_commands
     assert main(["train", "dpo_entropy", "max_steps=2", "--accelerate-config=cpu_ddp_2proc", "seed=3"]) == 0
     (cmd,) = calls
     assert cmd[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
@@ -154,3 +143,20 @@ def test_accelerate_launch_with_processes_but_no_config_on_a_cpu_stops_and_says_
     assert proc.returncode != 0
     assert "asked for several processes but started one" in proc.stderr and "--multi_gpu" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("world_size", "finalized"), [("2", False), ("1", True)])
+def test_exit_process_skips_finalization_only_on_a_rank_of_a_multi_process_run(world_size, finalized):
+    """A rank ends with its code and its buffered output flushed, but without interpreter finalization (no atexit
+    handler runs); a single process exits normally."""
+    code = ("import atexit, sys\n"
+            "from llm_entreg.cli import exit_process\n"
+            "atexit.register(lambda: print('finalized'))\n"
+            "sys.stdout.write('buffered line\\n')\n"
+            "exit_process(7)\n")
+    # block-buffered stdout (as under a launcher that does not set PYTHONUNBUFFERED), so the flush is what is tested
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout.splitlines()[0] == "buffered line"  # the pipe's block buffer was flushed before the exit
+    assert ("finalized" in proc.stdout) is finalized

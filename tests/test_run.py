@@ -24,17 +24,8 @@ from llm_entreg.recipes import load_recipe
 from llm_entreg.run import Preempted, RunError, build, curve_summary, format_summary, run
 from llm_entreg.trainers.mixin import STATE_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
-DPO = ROOT / "recipes" / "dpo_entropy.yaml"
+from .run_helpers import DPO, ROOT, dpo_recipe, training_rows
 
-
-def _recipe(tmp_path, *overrides):
-    return load_recipe(DPO, [f"output_dir={tmp_path}", "logging_steps=1", "save_strategy=no",
-                             "evaluation.num_prompts=96", *overrides])
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 @pytest.mark.slow
@@ -43,14 +34,14 @@ def test_bonus_keeps_held_out_entropy_higher_and_run_writes_its_record(tmp_path)
     # beta = 2: at 0.5 the held-out entropy gain (+0.00 to +0.05 nats over 24 steps) is within the run-to-run
     # spread across CPUs (float trajectories differ between machines); at 2 it was +0.10 on the machine where 0.5
     # gave -0.01 (2026-11-29), and 1.0 gave +0.045.
-    plain = run(_recipe(tmp_path / "b0", *base, "entropy_coef=0"), log=lambda *a: None)
-    bonus = run(_recipe(tmp_path / "b1", *base, "entropy_coef=2.0"), log=lambda *a: None)
+    plain = run(dpo_recipe(tmp_path / "b0", *base, "entropy_coef=0"), log=lambda *a: None)
+    bonus = run(dpo_recipe(tmp_path / "b1", *base, "entropy_coef=2.0"), log=lambda *a: None)
     # Same seed, data order and starting point: only the bonus differs
     assert plain["held_out_before"] == bonus["held_out_before"]
     h0, h1 = plain["held_out_after"]["ref_entropy"], bonus["held_out_after"]["ref_entropy"]
     assert h1 > h0 + 0.02, (h0, h1)
     # ... and so does the logged training entropy, averaged over the second half of the run
-    second_half = [sum(r["entropy"] for r in _metrics(tmp_path / b)[12:]) / 12 for b in ("b0", "b1")]
+    second_half = [sum(r["entropy"] for r in training_rows(tmp_path / b)[12:]) / 12 for b in ("b0", "b1")]
     assert second_half[1] > second_half[0], second_half
     # Plain DPO learns the preferences: reward accuracy on the training pairs goes up
     assert plain["train"]["rewards/accuracies"]["last"] > plain["train"]["rewards/accuracies"]["first"]
@@ -106,7 +97,7 @@ QUIET = dict(log=lambda *a: None)
 def finished(tmp_path_factory):
     """A finished 4-step run with complete checkpoints at steps 2 and 4 (copy it before changing it)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    run(_recipe(out, *LIFE), **QUIET)
+    run(dpo_recipe(out, *LIFE), **QUIET)
     return out
 
 
@@ -117,7 +108,7 @@ def _copy(finished, tmp_path) -> Path:
 
 
 def _steps(out: Path) -> list[int]:
-    return [r["step"] for r in _metrics(out)]
+    return [r["step"] for r in training_rows(out)]
 
 
 class _SignalAt(TrainerCallback):
@@ -135,16 +126,16 @@ class _SignalAt(TrainerCallback):
 def test_sigterm_then_resume_equals_the_uninterrupted_run(tmp_path):
     steps = ["max_steps=6", "save_strategy=no", "evaluation.held_out=false", "entropy_schedule=linear",
              "entropy_coef=0.1"]
-    full = run(_recipe(tmp_path / "full", *steps), **QUIET)
+    full = run(dpo_recipe(tmp_path / "full", *steps), **QUIET)
     with pytest.raises(Preempted) as stopped:
-        run(_recipe(tmp_path / "cut", *steps), callbacks=[_SignalAt(2)], **QUIET)
+        run(dpo_recipe(tmp_path / "cut", *steps), callbacks=[_SignalAt(2)], **QUIET)
     # the signal came during step 2's callbacks: the run stopped at the next step boundary, with a checkpoint
     assert stopped.value.step == 3 and (tmp_path / "cut" / "checkpoint-3" / COMPLETE_MARKER).is_file()
     assert not (tmp_path / "cut" / "final").exists() and _steps(tmp_path / "cut") == [1, 2, 3]
-    resumed = run(_recipe(tmp_path / "cut", *steps), resume_from_checkpoint=True, **QUIET)
+    resumed = run(dpo_recipe(tmp_path / "cut", *steps), resume_from_checkpoint=True, **QUIET)
     assert resumed["steps"] == full["steps"] == 6 and resumed["resumed_from"].endswith("checkpoint-3")
-    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")  # every logged value, coefficient included
-    coefs = [r["entropy_coef"] for r in _metrics(tmp_path / "full")]
+    assert training_rows(tmp_path / "cut") == training_rows(tmp_path / "full")  # every logged value, coefficient included
+    coefs = [r["entropy_coef"] for r in training_rows(tmp_path / "full")]
     assert len(set(coefs)) == 6  # a moving coefficient: its trajectory was restored, not restarted
     weights = [load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("full", "cut")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -189,13 +180,13 @@ def test_a_second_run_into_a_used_output_dir_is_refused_and_loses_nothing(finish
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(RunError, match=r"already holds a run \(metrics.jsonl, .*final, checkpoint-2, \.\.\.\); "
                                        r"continue it with --resume, replace it with overwrite_output_dir=true"):
-        run(_recipe(out, *LIFE), **QUIET)
+        run(dpo_recipe(out, *LIFE), **QUIET)
     assert main(["train", str(DPO), f"output_dir={out}", "logging_steps=1", "save_strategy=no", *LIFE]) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     (out / "notes.txt").write_text("kept")
     said = []
-    run(_recipe(out, *LIFE, "max_steps=2", "overwrite_output_dir=true"), log=said.append)
+    run(dpo_recipe(out, *LIFE, "max_steps=2", "overwrite_output_dir=true"), log=said.append)
     assert any("removed the earlier run" in line for line in said)
     assert _steps(out) == [1, 2] and not (out / "checkpoint-4").exists() and (out / "notes.txt").read_text() == "kept"
 
@@ -204,7 +195,7 @@ def test_a_second_run_into_a_used_output_dir_is_refused_and_loses_nothing(finish
 def test_trls_resume_field_continues_the_run_and_changed_settings_are_named(finished, tmp_path):
     out = _copy(finished, tmp_path)
     said = []
-    summary = run(_recipe(out, *LIFE, "max_steps=6", f"resume_from_checkpoint={out / 'checkpoint-2'}",
+    summary = run(dpo_recipe(out, *LIFE, "max_steps=6", f"resume_from_checkpoint={out / 'checkpoint-2'}",
                           "learning_rate=5e-5"), log=said.append)
     assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["steps"] == 6
     assert _steps(out) == [1, 2, 3, 4, 5, 6]  # appended after step 2, nothing twice
@@ -232,7 +223,7 @@ def test_a_coefficient_state_carrying_a_pickled_payload_is_refused(finished, tmp
     torch.save({**state, "note": _Payload(witness)}, out / "checkpoint-4" / STATE_FILE)
     write_marker(out / "checkpoint-4", 4)  # a consistent, complete checkpoint: only the content is wrong
     with pytest.raises(ValueError, match=STATE_FILE + ": refused: the entropy-coefficient state holds more"):
-        run(_recipe(out, *LIFE, "max_steps=6"), resume_from_checkpoint=True, **QUIET)
+        run(dpo_recipe(out, *LIFE, "max_steps=6"), resume_from_checkpoint=True, **QUIET)
     assert not witness.exists()
 
 
@@ -268,6 +259,6 @@ def test_the_summary_reports_window_means_not_single_points():
 @pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
-    run(_recipe(tmp_path, "max_steps=2", "evaluation.held_out=false", "report_to=tensorboard"), **QUIET)
+    run(dpo_recipe(tmp_path, "max_steps=2", "evaluation.held_out=false", "report_to=tensorboard"), **QUIET)
     events = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 100

@@ -110,6 +110,18 @@ class CapturedEntropiesMixin:
             self._entropy_captured.append(entropies)
         return logps, entropies, aux
 
+    def _trl_loss_with_entropies(self, model, inputs, mask):
+        """``(TRL's own loss of the batch, the entropies its log-prob pass computed)``, checked finite."""
+        with self._entropy_capture_window() as captured:
+            loss = super()._compute_loss(model, inputs)
+        if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
+            raise RuntimeError(f"{type(self).__name__}: TRL's _compute_loss computed no entropies; cannot apply the "
+                               "entropy term")
+        entropy = captured[0]
+        captured.clear()
+        self._entropy_check_finite(loss, entropy, mask)
+        return loss, entropy
+
 
 class EntropyGRPOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, OwnPolicyLossMixin, FusedPolicyLossMixin,
                          GRPOTrainer):
@@ -155,13 +167,7 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, Own
         if self.args.uses_own_policy_loss():  # Clip-Cov / KL-Cov / entropy-shaped advantages
             loss, _, entropy = self._own_policy_loss(model, inputs, mask, mode)
         else:
-            with self._entropy_capture_window() as captured:
-                loss = super()._compute_loss(model, inputs)
-            if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
-                raise RuntimeError("GRPOTrainer._compute_loss computed no entropies; cannot apply the bonus")
-            entropy = captured[0]
-            captured.clear()
-            self._entropy_check_finite(loss, entropy, mask)
+            loss, entropy = self._trl_loss_with_entropies(model, inputs, mask)
         return self._entropy_applied(loss, entropy, mask, mode)
 
     # ------------------------------------------------------------------ the loss-fused path (fused_loss=True)

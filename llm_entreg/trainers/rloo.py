@@ -68,11 +68,5 @@ class EntropyRLOOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, RLO
         mask = self._entropy_mask(inputs)
         if mode == "train":
             self._generation_window_counts(inputs, mask)
-        with self._entropy_capture_window() as captured:
-            loss = super()._compute_loss(model, inputs)
-        if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
-            raise RuntimeError("RLOOTrainer._compute_loss computed no entropies; cannot apply the bonus")
-        entropy = captured[0]
-        captured.clear()
-        self._entropy_check_finite(loss, entropy, mask)
+        loss, entropy = self._trl_loss_with_entropies(model, inputs, mask)
         return self._entropy_applied(loss, entropy, mask, mode)

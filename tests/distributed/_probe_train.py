@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 import llm_entreg.run as run_module
-from llm_entreg.cli import main
+from llm_entreg.cli import exit_process, main
 
 
 def _plain(value):
@@ -75,4 +75,4 @@ def _with_probe(make_trainer):
 
 if __name__ == "__main__":
     run_module.make_trainer = _with_probe(run_module.make_trainer)
-    sys.exit(main(["train", *sys.argv[1:]]))
+    exit_process(main(["train", *sys.argv[1:]]))

@@ -49,18 +49,8 @@ def test_unknown_name_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("name", CPU_TWO_PROCESS)
-def test_train_relaunches_through_accelerate(name, monkeypatch):
-    calls = []
-
-    class Launched:
-        def __init__(self, cmd, **kwargs):
-            calls.append(cmd)
-            self.pid = -1
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(launch.subprocess, "Popen", Launched)
+def test_train_relaunches_through_accelerate(name, launched_commands):
+    calls = launched_commands
     assert cli.main(["train", "recipes/dpo_entropy.yaml", "max_steps=2", "--accelerate-config", name,
                      "entropy_coef=0.1"]) == 0
     (cmd,) = calls
