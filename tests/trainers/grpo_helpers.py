@@ -5,19 +5,29 @@ from __future__ import annotations
 import copy
 
 
-def grpo_fields(tmp_path, **kw):
+def rl_fields(tmp_path, **kw):
+    """Config fields TRL's GRPO and RLOO configs share: one step of 8 completions (4 per prompt) on the CPU."""
     base = dict(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, num_generations=4,
         max_completion_length=8, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
-        disable_tqdm=True, bf16=False, beta=0.04, seed=0, gradient_checkpointing=False, loss_type="dapo",
+        disable_tqdm=True, bf16=False, beta=0.04, seed=0, gradient_checkpointing=False,
     )
     base.update(kw)
     return base
 
 
-def grpo_trainer(cls, config_cls, model, default, tmp_path, **kw):
-    return cls(model=copy.deepcopy(model), reward_funcs=default.reward_funcs, args=config_cls(**grpo_fields(tmp_path, **kw)),
+def grpo_fields(tmp_path, **kw):
+    return rl_fields(tmp_path, **{"loss_type": "dapo", **kw})
+
+
+def rl_trainer(cls, config_cls, model, default, fields: dict):
+    """A trainer of ``cls`` on a copy of ``model`` and the embedded default's prompts and rewards."""
+    return cls(model=copy.deepcopy(model), reward_funcs=default.reward_funcs, args=config_cls(**fields),
                train_dataset=default.prompts_train, processing_class=default.tokenizer)
+
+
+def grpo_trainer(cls, config_cls, model, default, tmp_path, **kw):
+    return rl_trainer(cls, config_cls, model, default, grpo_fields(tmp_path, **kw))
 
 
 def loss_and_grads(trainer, inputs):

@@ -16,6 +16,8 @@ from llm_entreg.tasks.model import build_tiny_model
 from llm_entreg.tasks.tokenizer import build_tokenizer
 from llm_entreg.trainers import EntropyDPOConfig, EntropyDPOTrainer
 
+from .update_helpers import assert_same_update_that_moved
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -66,6 +68,13 @@ def test_beta_zero_reproduces_trl_loss_and_gradients(setup, tmp_path):
         torch.testing.assert_close(grads_o[name], grads_t[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def _float64_policy_logits(model64, inputs):
+    """An independent float64 copy of the policy, its materialized next-token logits and the completion mask."""
+    ref = copy.deepcopy(model64).train()
+    logits = ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    return ref, logits, inputs["completion_mask"][:, 1:].bool()
+
+
 @pytest.mark.parametrize("entropy_on", ["both", "chosen"])
 def test_gradient_is_dpo_gradient_minus_beta_grad_entropy_float64(setup, tmp_path, entropy_on):
     tok, data, model = setup
@@ -80,9 +89,7 @@ def test_gradient_is_dpo_gradient_minus_beta_grad_entropy_float64(setup, tmp_pat
     _, grads_dpo = _loss_and_grads(plain, inputs)
 
     # Independent float64 entropy term: materialized logits, reference op, token-mean over the chosen tokens
-    ref = copy.deepcopy(model64).train()
-    logits = ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
-    mask = inputs["completion_mask"][:, 1:].bool()
+    ref, logits, mask = _float64_policy_logits(model64, inputs)
     if entropy_on == "chosen":
         mask[mask.shape[0] // 2:] = False
     targets = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)
@@ -114,12 +121,7 @@ def test_entropy_term_is_invariant_to_gradient_accumulation(setup, tmp_path):
     )
     one.train()
     two.train()
-    start = dict(model.named_parameters())
-    moved = 0.0
-    for (name, p1), (_, p2) in zip(one.model.named_parameters(), two.model.named_parameters()):
-        torch.testing.assert_close(p1, p2, atol=2e-6, rtol=1e-5, msg=name)
-        moved = max(moved, (p1.detach() - start[name].detach()).abs().max().item())
-    assert moved > 1e-4  # the step really moved the weights
+    assert_same_update_that_moved(one, two, model)
 
 
 def test_config_rejects_bad_values_naming_the_field(tmp_path):
@@ -332,9 +334,7 @@ def test_a_clamped_bonus_is_minus_beta_grad_of_the_clamped_entropy_float64(setup
     inputs = _first_batch(plain)
     _, grads_o = _loss_and_grads(ours, inputs)
     _, grads_dpo = _loss_and_grads(plain, inputs)
-    ref = copy.deepcopy(model64).train()
-    logits = ref(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
-    mask = inputs["completion_mask"][:, 1:].bool()
+    ref, logits, mask = _float64_policy_logits(model64, inputs)
     targets = inputs["input_ids"][:, 1:].masked_fill(~mask, -100)
     clamped = reference_clamped_entropy(logits, targets, top_p=0.8, top_k=50, dtype=torch.float64)
     full = reference_token_stats(logits, targets, dtype=torch.float64).entropy

@@ -15,20 +15,11 @@ from llm_entreg.recipes import load_recipe
 from llm_entreg.run import run
 from llm_entreg.trainers import EntropyRLOOConfig, EntropyRLOOTrainer
 
-from .grpo_helpers import generation_batch, loss_and_grads
-
-
-def _fields(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, num_generations=4,
-                max_completion_length=8, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
-                disable_tqdm=True, bf16=False, beta=0.05, seed=0, gradient_checkpointing=False)
-    base.update(kw)
-    return base
+from .grpo_helpers import generation_batch, loss_and_grads, rl_fields, rl_trainer
 
 
 def _trainer(cls, config_cls, model, default, tmp_path, **kw):
-    return cls(model=copy.deepcopy(model), reward_funcs=default.reward_funcs, args=config_cls(**_fields(tmp_path, **kw)),
-               train_dataset=default.prompts_train, processing_class=default.tokenizer)
+    return rl_trainer(cls, config_cls, model, default, rl_fields(tmp_path, **{"beta": 0.05, **kw}))
 
 
 def test_zero_coef_reproduces_trls_rloo_loss_and_gradients(default, tmp_path):
