@@ -20,7 +20,8 @@ TOKEN_CHUNK = {"cpu": 1024, "cuda": 4096}
 VOCAB_CHUNK = {"cpu": 4096, "cuda": 32768}
 
 
-def _chunks(device: torch.device, token_chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
+def chunk_sizes(device: torch.device, token_chunk: int | None, vocab_chunk: int | None) -> tuple[int, int]:
+    """``(token chunk, vocabulary chunk)``: the given ones, else the defaults for the device."""
     kind = "cuda" if device.type == "cuda" else "cpu"
     return token_chunk or TOKEN_CHUNK[kind], vocab_chunk or VOCAB_CHUNK[kind]
 
@@ -240,7 +241,7 @@ class _ChunkedLinear(torch.autograd.Function):
         tgt = rows.take(targets).long()
         inv_t = 1.0 / temperature
         guard = _may_hold_neg_inf(bias)
-        tc, vc = _chunks(device, tc, vc)
+        tc, vc = chunk_sizes(device, tc, vc)
         w = weight.to(compute_dtype) if weight.dtype != compute_dtype else weight
         b = None if bias is None else bias.to(compute_dtype)
 
@@ -320,7 +321,7 @@ class _ChunkedLogits(torch.autograd.Function):
         tgt = rows.take(targets).long()
         inv_t = 1.0 / temperature
         guard = _may_hold_neg_inf(logits)
-        tc, vc = _chunks(logits.device, tc, vc)
+        tc, vc = chunk_sizes(logits.device, tc, vc)
         tile = _logits_rows(logits, rows)
         with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
             out = _forward(rows.count, n_vocab, tile, tgt, inv_t, extras, guard, tc, vc, logits.device)

@@ -12,12 +12,12 @@ from typing import Callable
 
 import torch
 
+from ._common import gathered_params
 from ._tiles import addmm_f32, logits_tile
+from .chunked import chunk_sizes
 
 #: Candidates per row in the first pass of a top-p clamp without top-k; doubled for rows whose head needs more.
 TOP_P_CANDIDATES = 256
-TOKEN_CHUNK = {"cpu": 1024, "cuda": 4096}
-VOCAB_CHUNK = {"cpu": 4096, "cuda": 32768}
 
 #: ``tiles(rows)`` -> ``tile(v0, v1)``: the scaled-logit tiles of ``rows`` (a slice, or an index tensor).
 Tiles = Callable[[object], Callable[[int, int], torch.Tensor]]
@@ -141,18 +141,13 @@ def clamped_entropy_backward(tiles: Tiles, consume, n_rows: int, n_vocab: int, c
             consume(-g * q * (d + hh), r0, r1, v0, v1)
 
 
-def _sizes(device: torch.device, tc, vc):
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    return tc or TOKEN_CHUNK[kind], vc or VOCAB_CHUNK[kind]
-
-
 class _ClampedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, valid, temperature, top_p, top_k, compute_dtype, tc, vc):
         index = torch.nonzero(valid).squeeze(1)
-        tc, vc = _sizes(hidden.device, tc, vc)
-        tiles = _linear_tiles(hidden, weight, bias, index, compute_dtype, 1.0 / temperature)
-        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        tc, vc = chunk_sizes(hidden.device, tc, vc)
+        with gathered_params(weight, bias), torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            tiles = _linear_tiles(*_operands(hidden, weight, bias, index, compute_dtype), 1.0 / temperature)
             h, cut, lse = clamped_entropy_forward(tiles, index.shape[0], weight.shape[0], top_p, top_k, tc, vc,
                                                   hidden.device)
         ctx.save_for_backward(hidden, weight, bias, index, h, cut, lse)
@@ -164,25 +159,24 @@ class _ClampedLinear(torch.autograd.Function):
         hidden, weight, bias, index, h, cut, lse = ctx.saved_tensors
         inv_t, compute_dtype, tc, vc = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        h_rows = hidden.index_select(0, index).to(compute_dtype)
-        w = weight.to(compute_dtype)
-        gh = torch.zeros(h_rows.shape, device=hidden.device) if need_h else None
-        gw = torch.zeros(weight.shape, device=hidden.device) if need_w else None
-        gb = torch.zeros(weight.shape[0], device=hidden.device) if (need_b and bias is not None) else None
+        dev = hidden.device
+        gb = torch.zeros(weight.shape[0], device=dev) if (need_b and bias is not None) else None
+        with gathered_params(weight, bias), torch.no_grad(), torch.autocast(dev.type, enabled=False):
+            h_rows, w, b = _operands(hidden, weight, bias, index, compute_dtype)
+            gh = torch.zeros(h_rows.shape, device=dev) if need_h else None
+            gw = torch.zeros(w.shape, device=dev) if need_w else None
 
-        def consume(dz, r0, r1, v0, v1):
-            if gb is not None:
-                gb[v0:v1] += dz.sum(0)
-            dz = dz.to(compute_dtype)
-            if gh is not None:
-                addmm_f32(gh[r0:r1], dz, w[v0:v1])
-            if gw is not None:
-                addmm_f32(gw[v0:v1], dz.t(), h_rows[r0:r1])
+            def consume(dz, r0, r1, v0, v1):
+                if gb is not None:
+                    gb[v0:v1] += dz.sum(0)
+                dz = dz.to(compute_dtype)
+                if gh is not None:
+                    addmm_f32(gh[r0:r1], dz, w[v0:v1])
+                if gw is not None:
+                    addmm_f32(gw[v0:v1], dz.t(), h_rows[r0:r1])
 
-        tiles = _linear_tiles(hidden, weight, bias, index, compute_dtype, inv_t)
-        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            clamped_entropy_backward(tiles, consume, index.shape[0], weight.shape[0], cut, lse, h,
-                                     grad.float().index_select(0, index), inv_t, tc, vc)
+            clamped_entropy_backward(_linear_tiles(h_rows, w, b, inv_t), consume, index.shape[0], w.shape[0], cut,
+                                     lse, h, grad.float().index_select(0, index), inv_t, tc, vc)
         grad_hidden = None
         if gh is not None:
             grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -191,11 +185,13 @@ class _ClampedLinear(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def _linear_tiles(hidden, weight, bias, index, compute_dtype, inv_t: float) -> Tiles:
-    h_rows = hidden.index_select(0, index).to(compute_dtype)
-    w = weight.to(compute_dtype)
+def _operands(hidden, weight, bias, index, compute_dtype):
+    """The labelled rows of ``hidden``, the weight and the bias, in the compute dtype."""
     b = None if bias is None else bias.to(compute_dtype)
+    return hidden.index_select(0, index).to(compute_dtype), weight.to(compute_dtype), b
 
+
+def _linear_tiles(h_rows, w, b, inv_t: float) -> Tiles:
     def tiles(rows):
         block = h_rows[rows]
         return lambda v0, v1: logits_tile(block, w[v0:v1], None if b is None else b[v0:v1]).float() * inv_t
@@ -215,7 +211,7 @@ class _ClampedLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, valid, temperature, top_p, top_k, tc, vc):
         index = torch.nonzero(valid).squeeze(1)
-        tc, vc = _sizes(logits.device, tc, vc)
+        tc, vc = chunk_sizes(logits.device, tc, vc)
         with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
             h, cut, lse = clamped_entropy_forward(_logits_tiles(logits, index, 1.0 / temperature), index.shape[0],
                                                   logits.shape[1], top_p, top_k, tc, vc, logits.device)

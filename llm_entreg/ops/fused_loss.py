@@ -171,10 +171,14 @@ class _HeadRun:
 def _chunk_forward(run: _HeadRun, z: torch.Tensor, tgt_c: torch.Tensor, rows_c: torch.Tensor, extra_full: dict):
     """``(logprobs, entropy, norm)`` of a stored chunk of raw logits (its extras written into ``extra_full``);
     ``norm`` is what :func:`_chunk_dz` needs: the ``lse`` (Triton) or the shifted chunk's ``log_s`` (chunked)."""
-    if run.use_triton:
-        for key, value in _chunk_extras(z * run.inv_t if run.extras else z, tgt_c, run.extras).items():
-            extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
-        lp, ent, lse, *_ = triton_logits.row_stats(z, tgt_c, run.temperature, run.ignore_index)
+    if run.use_triton:  # the extras come from the same read pass as the statistics
+        lp, ent, lse, mean, top1, _ = triton_logits.row_stats(
+            z, tgt_c, run.temperature, run.ignore_index,
+            want_mean="mean_logits" in run.extras, want_top1="is_top1" in run.extras,
+        )  # fmt: skip
+        for key, value in (("mean_logits", mean), ("is_top1", top1)):
+            if value is not None:
+                extra_full[key].index_copy_(0, rows_c, value.to(extra_full[key].dtype))
         return lp, ent, lse
     if run.inv_t != 1.0:
         z.mul_(run.inv_t)
@@ -251,8 +255,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         rows = torch.nonzero(targets != ignore_index).squeeze(1)
         lp_full = torch.zeros(n_all, dtype=sdt, device=dev)
         ent_full = torch.zeros(n_all, dtype=sdt, device=dev)
-        extra_full = {"mean_logits": torch.zeros(n_all, dtype=sdt, device=dev),
-                      "is_top1": torch.zeros(n_all, dtype=torch.bool, device=dev)}
+        extra_full = {k: torch.zeros(n_all, dtype=torch.bool if k == "is_top1" else sdt, device=dev) for k in extras}
         loss = torch.zeros((), dtype=sdt, device=dev)
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         gw = gb = None
@@ -273,7 +276,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             None if gb is None else gb.to(bias.dtype),
         )
         ctx.accumulated_into_weight_grad = weight_grad is not None and gw is not None
-        outs = [extra_full[k] for k in ("mean_logits", "is_top1") if k in extras]
+        outs = [extra_full[k] for k in extras]  # extras come ordered (mean_logits, is_top1) from fused_linear_loss
         ctx.mark_non_differentiable(lp_full, ent_full, *outs)
         return (loss, lp_full, ent_full, *outs)
 

@@ -99,8 +99,8 @@ def reference_clamped_entropy(
     finite = torch.isfinite(u)
     with torch.no_grad():
         keep = finite.clone()
-        ordered = u.sort(dim=-1, descending=True).values
         if top_k is not None:
+            ordered = u.sort(dim=-1, descending=True).values
             cut_k = ordered[..., min(int(top_k), u.shape[-1]) - 1 : min(int(top_k), u.shape[-1])]
             keep &= u >= cut_k
         if top_p is not None and float(top_p) < 1.0:

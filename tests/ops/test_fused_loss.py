@@ -383,6 +383,26 @@ def test_extras_come_from_the_stored_chunks():
     assert torch.equal(stats.is_top1[valid], ref.is_top1[valid])
 
 
+@pytest.mark.interpret
+def test_triton_extras_come_from_the_row_kernel():
+    """backend="triton": mean_logits / is_top1 from the row kernel's read pass equal the materialized reference."""
+    pytest.importorskip("triton")
+    _, hidden, weight, bias, targets = _problem(14, dtype=torch.float32)
+    top = (hidden @ weight.t() + bias).argmax(1)  # every other labelled row's target is its top token
+    targets = torch.where((torch.arange(N) % 2 == 0) & (targets != -100), top, targets)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # without CUDA: the kernels under the interpreter
+    h, w, b = (x.detach().to(dev) for x in (hidden, weight, bias))
+    _, stats = fused_linear_loss(h, w, targets.to(dev), lambda lp, ent, rows: lp, bias=b, backend="triton",
+                                 token_chunk=5, temperature=1.3, extras=("mean_logits", "is_top1"))
+    ref = linear_token_stats(hidden.detach().double(), weight.detach().double(), targets, bias=bias.detach().double(),
+                             temperature=1.3, backend="torch", extras=("mean_logits", "is_top1"))
+    valid = targets != -100
+    torch.testing.assert_close(stats.mean_logits.cpu()[valid].double(), ref.mean_logits[valid].double(), atol=1e-5,
+                               rtol=1e-5)
+    assert torch.equal(stats.is_top1.cpu()[valid], ref.is_top1[valid])
+    assert stats.is_top1[valid.to(dev)].any() and not stats.is_top1[valid.to(dev)].all()
+
+
 def test_the_weight_gradient_can_accumulate_into_the_weights_own_grad():
     gen, hidden, weight, bias, targets = _problem(13, dtype=torch.float32)
     loss_fn = _generic_loss_fn(gen)
