@@ -44,9 +44,9 @@ def clear_marker(folder: str | os.PathLike) -> None:
 def write_marker(folder: str | os.PathLike, step: int) -> None:
     """Mark ``folder`` complete: the sizes of all its files, written to a temporary name and renamed."""
     root = Path(folder)
+    tmp = root / (COMPLETE_MARKER + ".tmp")  # a leftover of an earlier crash is overwritten, never listed
     sizes = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))
-             if p.is_file() and p.name != COMPLETE_MARKER}
-    tmp = root / (COMPLETE_MARKER + ".tmp")
+             if p.is_file() and p.name not in (COMPLETE_MARKER, tmp.name)}
     tmp.write_text(json.dumps({"step": step, "files": sizes}, indent=1))
     os.replace(tmp, root / COMPLETE_MARKER)
 

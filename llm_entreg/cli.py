@@ -68,13 +68,14 @@ def split_train_argv(argv: list[str]) -> tuple[list[str], list[str], object]:
 
 def _train(argv: list[str]) -> int:
     own, overrides, resume = split_train_argv(argv)
-    args = build_train_parser().parse_args(own)
+    parser = build_train_parser()
+    args = parser.parse_args(own)
     recipe_name = args.config or args.recipe
     if args.config and args.recipe:
         print(f"error: give the recipe once: --config {args.config} or {args.recipe}", file=sys.stderr)
         return 2
     if not recipe_name:
-        build_train_parser().print_usage(sys.stderr)
+        parser.print_usage(sys.stderr)
         print("error: a recipe is required (a YAML file or a shipped name; see `llm-entreg train --help`)",
               file=sys.stderr)
         return 2
@@ -188,9 +189,18 @@ def _train_epilog() -> str:
     )
 
 
+class _TrainParser(argparse.ArgumentParser):
+    """Builds its epilog (which imports the trainers to list the algorithms) only when the help is printed."""
+
+    def format_help(self) -> str:
+        if self.epilog is None:
+            self.epilog = _train_epilog()
+        return super().format_help()
+
+
 def build_train_parser() -> argparse.ArgumentParser:
-    train = argparse.ArgumentParser(
-        prog="llm-entreg train", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_train_epilog(),
+    train = _TrainParser(
+        prog="llm-entreg train", formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="llm-entreg train RECIPE [key=value ...] [--key value ...] [--real] [--resume | --resume=CKPT] "
               "[--accelerate-config NAME]",
         description="train a recipe (DPO with an entropy bonus, GRPO, PPO, ...)")

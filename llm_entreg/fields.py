@@ -17,18 +17,18 @@ class FieldTypeError(ValueError):
 
 
 def _arms(tp) -> tuple:
-    """The alternatives of a Union (``X | Y``, ``Optional[X]``), else ``(tp,)``."""
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return typing.get_args(tp)
-    return (tp,)
+    """The alternatives of a Union (``X | Y``, ``Optional[X]``), else ``(tp,)``; beside an Enum, ``str`` is dropped
+    (``SchedulerType | str``: the string must name a member)."""
+    arms = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in arms):
+        arms = tuple(a for a in arms if a is not str)
+    return arms
 
 
 def describe(tp) -> str:
     """What a field of type ``tp`` expects, in words (``a float or null``)."""
     words = []
     arms = _arms(tp)
-    if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in arms):
-        arms = tuple(a for a in arms if a is not str)
     for arm in arms:
         origin = typing.get_origin(arm)
         if arm in _SCALARS:
@@ -92,8 +92,6 @@ def coerce(value: Any, tp) -> Any:
     """``value`` converted to field type ``tp`` (an exact match first, then a lossless conversion), or
     FieldTypeError whose message says what the field expects."""
     arms = _arms(tp)
-    if any(isinstance(a, type) and issubclass(a, enum.Enum) for a in arms):
-        arms = tuple(a for a in arms if a is not str)  # ``SchedulerType | str``: the string must name a member
     for arm in sorted(arms, key=lambda a: a not in _SCALARS):  # bool before str, so `true` stays a bool
         if arm in _SCALARS and type(value) is arm:
             return value

@@ -169,7 +169,7 @@ def run_pseudo_label(recipe: dict, trainer_args: dict, out_dir: Path, log=print)
     log(f"pseudo-label task: warm start wrong on the slice ({'cached' if cached else 'trained'}) at {path}")
     student, _ = load_warm_start(path)
     tokenizer = build_tokenizer()
-    teacher = copy.deepcopy(student)
+    teacher = copy.deepcopy(student) if spec.teacher == "ema" else None  # the current teacher is the student
     rounds_path, metrics_path = out_dir / "rounds.jsonl", out_dir / "metrics.jsonl"
     before = held_out(student, tokenizer, test, spec.threshold)
     records = [{"round": 0, **{k: v for k, v in before.items() if k != "per_prompt"}}]
@@ -189,8 +189,7 @@ def run_pseudo_label(recipe: dict, trainer_args: dict, out_dir: Path, log=print)
             f"confident-and-wrong {stats['confident_wrong_share']:.3f}; held-out accuracy {after['accuracy']:.3f} "
             f"(slice {after['slice_accuracy']:.3f}), ECE {after['ece']:.3f}")
     rounds_path.write_text("".join(json.dumps(x) + "\n" for x in records))
-    metrics_path.write_text("".join(json.dumps({"step": x["round"], "entropy": x["entropy"], **x}) + "\n"
-                                    for x in records))
+    metrics_path.write_text("".join(json.dumps({"step": x["round"], **x}) + "\n" for x in records))
     student.save_pretrained(out_dir / "final")
     tokenizer.save_pretrained(out_dir / "final")
     return {"recipe": recipe.get("source"), "algorithm": recipe["algorithm"], "steps": spec.rounds * spec.steps_per_round,

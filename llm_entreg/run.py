@@ -20,7 +20,7 @@ from .lifecycle import (
     Preempted, RunError, StopOnSignal, changed_settings, clear_run, resolve_resume, resumed_step, run_contents,
     trim_metrics,
 )
-from .utils import torch_threads
+from .utils import torch_threads, window_means, window_size
 
 __all__ = ["Preempted", "RunError", "build", "format_summary", "held_out_metrics", "make_trainer", "run"]
 
@@ -347,7 +347,7 @@ def _run(recipe: dict, resume_from_checkpoint, log, stopper: StopOnSignal, callb
     if trainer.is_world_process_zero():
         _start_record(recipe, out_dir, checkpoint, replaced, log)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint, checkpoint_verified=True)  # resolve_resume checked it
     train_seconds = time.time() - t0
     if stopper.stopped_at is not None:
         raise Preempted(stopper.stopped_at, str(out_dir / f"checkpoint-{stopper.stopped_at}"))
@@ -369,8 +369,9 @@ def _run(recipe: dict, resume_from_checkpoint, log, stopper: StopOnSignal, callb
     if trainer.is_world_process_zero():
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         from .plots import plot_training_curves
+        from .sweep.store import read_metrics
 
-        records = [json.loads(x) for x in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+        records = read_metrics(metrics_path)
         plot_training_curves([r for r in records if "loss" in r], out_dir / "curves.png",
                              title=Path(recipe.get("source") or "run").stem, algorithm=recipe["algorithm"],
                              held_out_curve=[r for r in records if any(k.startswith("held_out/") for k in r)],
@@ -409,8 +410,8 @@ def curve_summary(history: list[dict], window: float = 0.2) -> dict[str, Any]:
         values = [float(r[key]) for r in history if isinstance(r.get(key), (int, float))]
         if not values:
             continue
-        n = max(1, round(window * len(values)))
-        out[key] = {"first": sum(values[:n]) / n, "last": sum(values[-n:]) / n, "n_window": n,
+        first, last = window_means(values, window)
+        out[key] = {"first": first, "last": last, "n_window": window_size(len(values), window),
                     "n_logged": len(values)}
     return out
 

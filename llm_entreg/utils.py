@@ -1,9 +1,10 @@
 """Small helpers shared by the run, the sweep and the embedded tasks (no trainer): torch threads, package versions,
-the unbiased pass@k estimator."""
+the unbiased pass@k estimator, the first/last window means of a curve."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -45,3 +46,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(k):  # C(n - c, k) / C(n, k) as a product: exact without big binomials
         prob_all_wrong *= (n - c - i) / (n - i)
     return 1.0 - prob_all_wrong
+
+
+def window_size(n_values: int, window: float = 0.2) -> int:
+    """How many values the first (and the last) ``window`` fraction of ``n_values`` holds: at least one."""
+    return max(1, math.ceil(window * n_values - 1e-9))
+
+
+def window_means(values: list[float], window: float = 0.2) -> tuple[float | None, float | None]:
+    """Means over the first and the last ``window`` fraction of ``values`` (at least one value each)."""
+    if not values:
+        return None, None
+    k = window_size(len(values), window)
+    return sum(values[:k]) / k, sum(values[-k:]) / k

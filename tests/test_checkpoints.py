@@ -105,3 +105,11 @@ def test_state_files_load_as_data_only(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"junk.pt: corrupt state"):
         load_state_file(str(tmp_path / "junk.pt"), "state")
+
+
+def test_a_marker_left_half_written_by_a_crash_is_not_listed_as_a_file(tmp_path):
+    folder = _checkpoint(tmp_path, 10, complete=False)
+    (folder / (COMPLETE_MARKER + ".tmp")).write_text("{")  # a crash between writing the marker and renaming it
+    write_marker(folder, 10)
+    verify_checkpoint(folder)  # would name the .tmp file as missing had it been listed
+    assert not (folder / (COMPLETE_MARKER + ".tmp")).exists()

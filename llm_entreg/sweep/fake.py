@@ -34,13 +34,14 @@ def _coef_at(trainer: dict, step: int, total: int) -> float:
 FAKE_PROMPTS, FAKE_SAMPLES = 64, 16
 
 
-def _held_out(seed: int, gain: float, strength: float, entropy: float, trial: bool, rng=None) -> dict:
+def _held_out(seed: int, gain: float, strength: float, entropy: float, rng=None) -> dict:
     """A caricature of the held-out evaluation with per-prompt values: prompts of a seed share their difficulty
-    across trials (pairing), a seed shifts every trial of it alike, and each trial draws its own outcomes."""
+    across trials (pairing), a seed shifts every trial of it alike, and each trial draws its own outcomes from
+    ``rng`` (without one: the fixed draws of the seed's starting policy)."""
     prompts = random.Random(f"fake-prompts:{seed}")
     shift = 0.06 * prompts.gauss(0, 1)
     noise = float(os.environ.get("LLM_ENTREG_FAKE_NOISE", "1.0") or 0.0)
-    draw = rng if trial else random.Random(f"fake-before:{seed}")
+    draw = rng or random.Random(f"fake-before:{seed}")
     reward, correct, nll = [], [], []
     for _ in range(FAKE_PROMPTS):
         p = min(max(0.44 + gain + shift + 0.3 * (prompts.random() - 0.5), 0.0), 1.0)
@@ -107,8 +108,8 @@ def fake_run(recipe: dict, resume_from_checkpoint=None, log=print) -> dict:
     peak = float(os.environ.get("LLM_ENTREG_FAKE_GAIN", "0.12") or 0.0)
     gain = peak * strength * (1 - strength) * 4  # peaks at a middle β
     seed = int(recipe.get("seed", 0))
-    before = _held_out(seed, 0.0, 0.0, h0, trial=False)
-    after = _held_out(seed, gain, strength, h, trial=True, rng=rng)
+    before = _held_out(seed, 0.0, 0.0, h0)
+    after = _held_out(seed, gain, strength, h, rng=rng)
     summary = {"recipe": recipe.get("source"), "algorithm": recipe.get("algorithm"), "steps": total,
                "train_seconds": sleep, "entropy_coef": coef, "train": {}, "held_out_before": before,
                "held_out_after": after, "output_dir": str(out)}

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..utils import pass_at_k
+from ..utils import pass_at_k, window_means
 from .stats import BOOTSTRAP_SAMPLES, Interval, bootstrap_interval, paired_difference
 
 REWARD_KEYS = ("eval_reward", "reward", "objective/rlhf_reward", "objective/scores", "eval_rewards/accuracies",
@@ -74,14 +74,6 @@ def first_key(history: list[dict], keys: Iterable[str]) -> str | None:
         if series(history, key)[1]:
             return key
     return None
-
-
-def window_means(values: list[float], window: float = 0.2) -> tuple[float | None, float | None]:
-    """Means over the first and the last ``window`` fraction of ``values`` (at least one value each)."""
-    if not values:
-        return None, None
-    k = max(1, math.ceil(window * len(values) - 1e-9))
-    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 def is_collapsed(entropy: list[float], thresholds: Thresholds = Thresholds()) -> bool | None:
@@ -164,7 +156,6 @@ RULE = (
     "pick is β = 0. Without a β = 0 run there is no test: the best mean is reported as such. Flags are reported, not "
     "used."
 )
-METRICS = ("reward", "nll", "pass@K")
 
 
 def parse_metric(metric: str) -> tuple[str, bool]:
@@ -232,12 +223,14 @@ def score_configs(rows: list[dict], metric: str = "reward") -> tuple[list[dict],
     return scored, base
 
 
-def pick_best(rows: list[dict], tolerance: float = 0.0, metric: str = "reward") -> dict[str, Any] | None:
-    """The pick by :data:`RULE`, with every configuration's interval; ``None`` when no trial has the metric."""
+def pick_best(rows: list[dict], tolerance: float = 0.0, metric: str = "reward",
+              scored: tuple[list[dict], dict | None] | None = None) -> dict[str, Any] | None:
+    """The pick by :data:`RULE`, with every configuration's interval; ``None`` when no trial has the metric.
+    ``scored``: :func:`score_configs` of these rows and metric, when the caller already has it."""
     if tolerance < 0:
         raise ValueError(f"tolerance: must be >= 0, got {tolerance}")
     metric, maximize = parse_metric(metric)
-    scored, base = score_configs(rows, metric)
+    scored, base = scored if scored is not None else score_configs(rows, metric)
     if not scored:
         return None
     sign = 1.0 if maximize else -1.0

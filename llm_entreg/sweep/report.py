@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .grid import format_coef
-from .pick import ENTROPY_KEYS, Thresholds, first_key, pick_best, score_configs, seed_centred_correlation, series
+from .pick import (ENTROPY_KEYS, Thresholds, first_key, per_prompt_values, pick_best, score_configs,
+                   seed_centred_correlation, series)
+from .stats import BOOTSTRAP_SAMPLES
 from .runner import base_row, trial_dir
 from .spec import SweepConfig
 from .store import METRICS_FILE, is_finished, read_metrics, read_trial, write_json, write_results_csv, write_results_md
@@ -76,7 +78,8 @@ def report_notes(thr: Thresholds, correlation: dict | None, metric: str) -> list
         (f"never committed: the entropy did not fall (last window >= first window - {thr.commit_band:.0%}; a rise, "
          f"up to a run-away to the uniform distribution, counts) AND the reward gained < {thr.commit_min_gain:g}; "
          "held-out: the same on the held-out entropy and pass@1 (the greedy reward where not sampled)."),
-        ("intervals: 95%, bootstrap over seeds and, within each seed, held-out prompts (2000 resamples); "
+        ("intervals: 95%, bootstrap over seeds and, within each seed, held-out prompts "
+         f"({BOOTSTRAP_SAMPLES} resamples); "
          "'vs β = 0' is the paired difference on the same seeds and prompts. docs/sweep.md ('Signal or noise')."),
         f"pick metric: {metric} (val reward = held_out_after['reward'], greedy decoding, or the last logged "
         "reward-like metric where the recipe has no held-out evaluation).",
@@ -117,8 +120,6 @@ def best_document(config: SweepConfig, rows: list[dict], best: dict | None, corr
 
 def entropy_points(rows: list[dict], metric: str) -> list[tuple[int, float, float]]:
     """``(seed, final entropy, metric)`` of every complete trial that has both."""
-    from .pick import per_prompt_values
-
     points = []
     for row in rows:
         h, _ = entropy_for_scatter(row)
@@ -132,13 +133,14 @@ def write_report(config: SweepConfig, rows: list[dict], curves: dict[str, list[d
     """results.csv, results.md, best.json and (``config.plots``) the plots into the sweep directory."""
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    best = pick_best(rows, config.tie_tolerance, config.pick_metric)
-    scored, _ = score_configs(rows, config.pick_metric)
+    scored_base = score_configs(rows, config.pick_metric)  # the bootstrap, once for the pick, table and plot
+    best = pick_best(rows, config.tie_tolerance, config.pick_metric, scored=scored_base)
+    scored = scored_base[0]
     correlation = seed_centred_correlation(entropy_points(rows, config.pick_metric))
     title = f"β sweep: {Path(config.source or config.base_recipe).name}"
     paths: dict[str, Path] = {}
     if config.plots:
-        paths.update(draw_plots(rows, curves, out, best, title, config.pick_metric, correlation))
+        paths.update(draw_plots(rows, curves, out, best, title, config.pick_metric, correlation, scored))
     notes = report_notes(config.thresholds, correlation, config.pick_metric)
     paths["results.csv"] = write_results_csv(rows, out / "results.csv")
     paths["results.md"] = write_results_md(rows, best, out / "results.md", title=title, notes=notes,
@@ -267,13 +269,15 @@ def _metric_panel(ax, scored: list[dict], label: str, best: dict | None) -> None
 
 
 def plot_metric_vs_beta(rows: list[dict], path, best: dict | None = None, title: str = "",
-                        metric: str = "reward") -> Path | None:
-    """The pick metric, and pass@1 / pass@16 where the held-out evaluation sampled, vs β with 95% intervals."""
+                        metric: str = "reward", scored: list[dict] | None = None) -> Path | None:
+    """The pick metric, and pass@1 / pass@16 where the held-out evaluation sampled, vs β with 95% intervals
+    (``scored``: the pick metric's :func:`score_configs` configurations, when already computed)."""
     panels = [(metric, f"{metric} (held-out)")]
     for extra in ("pass@1", "pass@16"):
         if extra != metric and any(_num(r.get(f"val_{extra}")) is not None for r in rows if _ok(r)):
             panels.append((extra, f"{extra} (held-out)"))
-    scored = [(score_configs(rows, m)[0], label) for m, label in panels]
+    given = {metric: scored} if scored is not None else {}
+    scored = [(given[m] if m in given else score_configs(rows, m)[0], label) for m, label in panels]
     scored = [(s, label) for s, label in scored if s]
     if not scored:
         return None
@@ -386,11 +390,13 @@ def plot_metric_vs_entropy(rows: list[dict], path, metric: str, correlation: dic
 
 
 def draw_plots(rows: list[dict], curves: dict[str, list[dict]], out_dir, best: dict | None = None,
-               title: str = "", metric: str = "reward", correlation: dict | None = None) -> dict[str, Path]:
-    """Every plot into ``out_dir``: name -> path for those that had data."""
+               title: str = "", metric: str = "reward", correlation: dict | None = None,
+               scored: list[dict] | None = None) -> dict[str, Path]:
+    """Every plot into ``out_dir``: name -> path for those that had data (``scored``: the configurations of
+    :func:`score_configs` for ``metric``, when already computed)."""
     out_dir = Path(out_dir)
     written = {
-        "metric_vs_beta": plot_metric_vs_beta(rows, out_dir / "metric_vs_beta.png", best, title, metric),
+        "metric_vs_beta": plot_metric_vs_beta(rows, out_dir / "metric_vs_beta.png", best, title, metric, scored),
         "entropy_curves": plot_entropy_curves(rows, curves, out_dir / "entropy_curves.png"),
         "coef_trajectories": plot_coef_trajectories(rows, curves, out_dir / "coef_trajectories.png"),
         "metric_vs_entropy": plot_metric_vs_entropy(rows, out_dir / "metric_vs_entropy.png", metric, correlation),

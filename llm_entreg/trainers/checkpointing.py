@@ -60,8 +60,10 @@ class CheckpointStateMixin:
             return
         self.entropy_coefficient = restored
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+    def train(self, resume_from_checkpoint=None, *args, checkpoint_verified: bool = False, **kwargs):
+        """TRL's ``train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint, and the one
+        resumed from is checked file by file first, unless the caller has just done so (``checkpoint_verified``)."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False and not checkpoint_verified:
             if resume_from_checkpoint is True:
                 resume_from_checkpoint, _ = newest_complete(self.args.output_dir)
                 if resume_from_checkpoint is None:
@@ -70,6 +72,7 @@ class CheckpointStateMixin:
             if not os.path.isdir(resume_from_checkpoint):
                 raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a directory")
             verify_checkpoint(resume_from_checkpoint)
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
             self._entropy_load_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
