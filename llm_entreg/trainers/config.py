@@ -163,18 +163,37 @@ class FusedLossArguments:
         },
     )
 
-    def check_fused_loss_supported(self) -> None:
-        """Raise ``ValueError`` naming the first setting that ``fused_loss=True`` does not support."""
+    def check_fused_loss_chunk_mib(self) -> None:
         mib = self.fused_loss_chunk_mib
         if mib is not None and (isinstance(mib, bool) or not isinstance(mib, int) or mib < 1):
             raise ValueError(f"fused_loss_chunk_mib: expected a positive number of MiB or None, got {mib!r}")
-        if not self.fused_loss:
-            return
-        extra = {
+
+    def fused_loss_unsupported_clamp(self) -> dict:
+        """The clamp settings the loss-fused head cannot form (it computes the full entropy), for
+        :func:`raise_first_unsupported`."""
+        return {
             "entropy_clamp_top_p": (self.entropy_clamp_top_p is not None, "None"),
             "entropy_clamp_top_k": (self.entropy_clamp_top_k is not None, "None"),
         }
-        check_own_policy_loss_supported(self, "fused_loss=True", "set fused_loss=False for the general path", extra)
+
+    def check_fused_loss_supported(self) -> None:
+        """Raise ``ValueError`` naming the first setting that ``fused_loss=True`` does not support (GRPO, PPO)."""
+        self.check_fused_loss_chunk_mib()
+        if not self.fused_loss:
+            return
+        check_own_policy_loss_supported(self, "fused_loss=True", FUSED_LOSS_ADVICE, self.fused_loss_unsupported_clamp())
+
+
+#: What a refused ``fused_loss=True`` setting tells the user to do.
+FUSED_LOSS_ADVICE = "set fused_loss=False for the general path"
+
+
+def raise_first_unsupported(config, unsupported: dict, feature: str, advice: str) -> None:
+    """``unsupported``: field name -> (is the setting unsupported, the supported value in words); raise a
+    ``ValueError`` naming the first unsupported one."""
+    for name, (bad, wanted) in unsupported.items():
+        if bad:
+            raise ValueError(f"{name}: {feature} supports only {wanted}, got {getattr(config, name)!r} ({advice})")
 
 
 def check_own_policy_loss_supported(config, feature: str, advice: str, extra: dict | None = None) -> None:
@@ -191,6 +210,4 @@ def check_own_policy_loss_supported(config, feature: str, advice: str, extra: di
             config.use_vllm and config.vllm_importance_sampling_correction, "False (with use_vllm)"),
         **(extra or {}),
     }
-    for name, (bad, wanted) in unsupported.items():
-        if bad:
-            raise ValueError(f"{name}: {feature} supports only {wanted}, got {getattr(config, name)!r} ({advice})")
+    raise_first_unsupported(config, unsupported, feature, advice)

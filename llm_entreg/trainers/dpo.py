@@ -14,7 +14,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as trl_dpo_module
 
 from ..losses.dpo import DPO_FUSED_LOSS_TYPES
-from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
+from .config import (FUSED_LOSS_ADVICE, EntropyRegularizationArguments, FusedLossArguments, RunArguments,
+                     raise_first_unsupported)
 from .fused_dpo import FusedDPOLossMixin
 from .mixin import EntropyRegularizationMixin
 
@@ -61,6 +62,7 @@ class EntropyDPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunAr
 
     def check_fused_dpo_supported(self) -> None:
         """Raise ``ValueError`` naming the first setting the loss-fused DPO path does not form in the forward."""
+        self.check_fused_loss_chunk_mib()
         if not self.fused_loss:
             return
         loss_types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -70,14 +72,10 @@ class EntropyDPOConfig(FusedLossArguments, EntropyRegularizationArguments, RunAr
             "ld_alpha": (self.ld_alpha is not None, "None"),
             "use_weighting": (self.use_weighting, "False"),
             "padding_free": (getattr(self, "padding_free", False), "False"),
-            "entropy_clamp_top_p": (self.entropy_clamp_top_p is not None, "None"),
-            "entropy_clamp_top_k": (self.entropy_clamp_top_k is not None, "None"),
+            **self.fused_loss_unsupported_clamp(),
             "entropy_bonus_top_quantile": (self.entropy_bonus_top_quantile != 1.0, "1.0"),
         }
-        for name, (bad, wanted) in unsupported.items():
-            if bad:
-                raise ValueError(f"{name}: fused_loss=True supports only {wanted}, got {getattr(self, name)!r} "
-                                 "(set fused_loss=False for the general path)")
+        raise_first_unsupported(self, unsupported, "fused_loss=True", FUSED_LOSS_ADVICE)
 
 
 class EntropyDPOTrainer(EntropyRegularizationMixin, FusedDPOLossMixin, DPOTrainer):

@@ -101,26 +101,27 @@ def with_entropy_reward(reward: EntropyReward, config, args: tuple, kwargs: dict
 
 
 class CapturedEntropiesMixin:
-    """TRL's per-token log-prob pass of a generated batch, its entropies (with their graph) kept while the loss is
-    computed (GRPO, RLOO)."""
+    """TRL's per-token log-prob pass of a generated batch: its log-probs and entropies (with their graph) kept while
+    the loss is computed (GRPO, RLOO, PPO)."""
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._entropy_capturing and entropies is not None:
-            self._entropy_captured.append(entropies)
+            self._entropy_captured.append((logps, entropies))
         return logps, entropies, aux
 
     def _trl_loss_with_entropies(self, model, inputs, mask):
-        """``(TRL's own loss of the batch, the entropies its log-prob pass computed)``, checked finite."""
+        """``(TRL's own loss of the batch, the log-probs and entropies its log-prob pass computed)``, checked
+        finite."""
         with self._entropy_capture_window() as captured:
             loss = super()._compute_loss(model, inputs)
         if not captured:  # pragma: no cover - would mean TRL stopped computing entropies in its loss
             raise RuntimeError(f"{type(self).__name__}: TRL's _compute_loss computed no entropies; cannot apply the "
                                "entropy term")
-        entropy = captured[0]
+        logps, entropy = captured[0]
         captured.clear()
         self._entropy_check_finite(loss, entropy, mask)
-        return loss, entropy
+        return loss, logps, entropy
 
 
 class EntropyGRPOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, OwnPolicyLossMixin, FusedPolicyLossMixin,
@@ -167,7 +168,7 @@ class EntropyGRPOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, Own
         if self.args.uses_own_policy_loss():  # Clip-Cov / KL-Cov / entropy-shaped advantages
             loss, _, entropy = self._own_policy_loss(model, inputs, mask, mode)
         else:
-            loss, entropy = self._trl_loss_with_entropies(model, inputs, mask)
+            loss, _, entropy = self._trl_loss_with_entropies(model, inputs, mask)
         return self._entropy_applied(loss, entropy, mask, mode)
 
     # ------------------------------------------------------------------ the loss-fused path (fused_loss=True)

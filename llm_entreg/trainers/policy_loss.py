@@ -100,7 +100,7 @@ class OwnPolicyLossMixin:
         args = self.args
         if args.entropy_advantage_coef > 0:
             shaped = shaped_advantages(adv, entropies, args.entropy_advantage_coef, args.entropy_advantage_clip)
-            self._log_mean(mode, "entropy_advantage/mean_shift", (shaped - adv)[mask], mask)
+            self._log_mean(mode, "entropy_advantage/mean_shift", (shaped - adv)[mask])
             adv = shaped
         per_token = self._policy_token_loss(logps, old, adv, ref, mask, mode, input_ids, attention_mask, k)
         weights = grpo_loss_weights(mask, self.loss_type, accumulation_steps=self._loss_accumulation(mode),
@@ -113,20 +113,21 @@ class OwnPolicyLossMixin:
 
     def _policy_token_loss(self, logps, old, adv, ref, mask, mode, input_ids, attention_mask, k) -> torch.Tensor:
         args = self.args
-        kl = grpo_token_loss(logps, old, torch.zeros_like(adv), self.epsilon_low, self.epsilon_high, ref_logp=ref,
-                             beta=self.beta, bias_correction_kl=args.use_bias_correction_kl)  # the KL term alone
+        kl_args = dict(ref_logp=ref, beta=self.beta, bias_correction_kl=args.use_bias_correction_kl)
         if args.policy_loss_mode == "vanilla":
-            return grpo_token_loss(logps, old, adv, self.epsilon_low, self.epsilon_high, args.delta) + kl
-        cov = self._global_covariance(logps, adv, mask)
+            return grpo_token_loss(logps, old, adv, self.epsilon_low, self.epsilon_high, args.delta, **kl_args)
+        kl = grpo_token_loss(logps, old, torch.zeros_like(adv), self.epsilon_low, self.epsilon_high,
+                             **kl_args)  # the KL term alone
+        cov, n_tokens = self._global_covariance(logps, adv, mask)
         if args.policy_loss_mode == "kl_cov":
-            selected = self._global_top(cov, mask, args.kl_cov_ratio)
-            self._log_mean(mode, "kl_cov/selected_frac", selected[mask].float(), mask)
+            selected = self._global_top(cov, mask, _selection_size(n_tokens, args.kl_cov_ratio))
+            self._log_mean(mode, "kl_cov/selected_frac", selected[mask].float())
             return kl_cov_token_loss(logps, old, adv, selected, args.ppo_kl_coef) + kl
         candidates = mask & ~clipped_by_ppo(logps, old, adv, self.epsilon_low, self.epsilon_high)
         candidates &= (cov > args.clip_cov_lb) & (cov < args.clip_cov_ub)
         keys = token_keys(input_ids, attention_mask, k, self.state.global_step).to(cov.device)
-        selected = self._global_smallest(keys, candidates, mask, args.clip_cov_ratio)
-        self._log_mean(mode, "clip_cov/selected_frac", selected[mask].float(), mask)
+        selected = self._global_smallest(keys, candidates, _selection_size(n_tokens, args.clip_cov_ratio))
+        self._log_mean(mode, "clip_cov/selected_frac", selected[mask].float())
         return clip_cov_token_loss(logps, old, adv, selected, self.epsilon_low, self.epsilon_high, args.delta) + kl
 
     # ------------------------------------------------------------------ statistics over every rank's tokens
@@ -143,35 +144,35 @@ class OwnPolicyLossMixin:
         gathered = self.accelerator.gather(padded)
         return gathered[~torch.isnan(gathered)]
 
-    def _global_covariance(self, logps, adv, mask) -> torch.Tensor:
+    def _global_covariance(self, logps, adv, mask) -> tuple[torch.Tensor, float]:
+        """(each token's covariance term about every rank's means, every rank's token count)."""
         m = mask.float()
-        s_lp, s_adv, n = self._sum_all((logps.detach() * m).sum(), (adv * m).sum(), m.sum())
-        n = n.clamp(min=1)
+        s_lp, s_adv, n_all = self._sum_all((logps.detach() * m).sum(), (adv * m).sum(), m.sum())
+        n = n_all.clamp(min=1)
         cov = token_covariance(logps.double(), adv.double(), (s_lp / n).to(logps.device), (s_adv / n).to(logps.device))
-        return torch.where(mask, cov, torch.zeros_like(cov))
+        return torch.where(mask, cov, torch.zeros_like(cov)), n_all.item()
 
-    def _global_count(self, mask, ratio: float) -> int:
-        (n,) = self._sum_all(mask.float().sum())
-        return max(int(ratio * n.item()), 1)
-
-    def _global_top(self, cov, mask, ratio: float) -> torch.Tensor:
-        """Tokens whose covariance is among the ``ratio`` largest of every rank's (ties at the cut all in)."""
-        n_select = self._global_count(mask, ratio)
+    def _global_top(self, cov, mask, n_select: int) -> torch.Tensor:
+        """Tokens whose covariance is among the ``n_select`` largest of every rank's (ties at the cut all in)."""
         values = self._gather_all(cov[mask])
         if values.numel() == 0:
             return torch.zeros_like(mask)
         cut = values.topk(min(n_select, values.numel())).values[-1].to(cov.device)
         return mask & (cov >= cut)
 
-    def _global_smallest(self, keys, candidates, mask, ratio: float) -> torch.Tensor:
-        """The ``ratio`` share of all tokens, drawn among ``candidates`` by smallest key over every rank."""
-        n_select = self._global_count(mask, ratio)
+    def _global_smallest(self, keys, candidates, n_select: int) -> torch.Tensor:
+        """``n_select`` tokens, drawn among ``candidates`` by smallest key over every rank."""
         values = self._gather_all(keys[candidates])
         if values.numel() <= n_select:
             return candidates
         cut = values.kthvalue(n_select).values.to(keys.device)
         return candidates & (keys <= cut)
 
-    def _log_mean(self, mode: str, name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
+    def _log_mean(self, mode: str, name: str, values: torch.Tensor) -> None:
         total, n = self._sum_all(values.sum(), torch.tensor(float(values.numel()), device=values.device))
         self._metrics[mode][name].append((total / n.clamp(min=1)).item())
+
+
+def _selection_size(n_tokens: float, ratio: float) -> int:
+    """How many of ``n_tokens`` tokens a covariance mode selects at ``ratio``: at least one."""
+    return max(int(ratio * n_tokens), 1)

@@ -18,6 +18,7 @@ from ..regularizers import AdaptiveKLController, FixedKLController, kl_penalty
 from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
 from .critic import Critic, CriticStepCallback, value_head_from_policy
 from .fused_policy import FusedPolicyLossMixin
+from .grpo import CapturedEntropiesMixin
 from .mixin import EntropyRegularizationMixin
 from .policy_loss import OwnPolicyLossMixin, PolicyLossArguments
 
@@ -83,7 +84,8 @@ class EntropyPPOConfig(FusedLossArguments, PolicyLossArguments, EntropyRegulariz
         self.check_policy_loss_arguments()
 
 
-class EntropyPPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPolicyLossMixin, GRPOTrainer):
+class EntropyPPOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, OwnPolicyLossMixin, FusedPolicyLossMixin,
+                        GRPOTrainer):
     """PPO-RLHF with a critic, the KL penalty in the reward (or loss) and our entropy regularizers.
 
     Same constructor as ``trl.GRPOTrainer`` plus ``value_model`` (``None``: a value head on a copy of the policy's
@@ -190,12 +192,6 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPol
         return out
 
     # ------------------------------------------------------------------ update
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if self._entropy_capturing and entropies is not None:
-            self._entropy_captured.append((logps, entropies))
-        return logps, entropies, aux
-
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         mask = self._completion_loss_mask(inputs)
@@ -210,15 +206,10 @@ class EntropyPPOTrainer(EntropyRegularizationMixin, OwnPolicyLossMixin, FusedPol
             elif self.args.uses_own_policy_loss():  # Clip-Cov / KL-Cov / entropy-shaped advantages
                 loss, logps, entropy = self._own_policy_loss(model, inputs, mask, mode)
             else:
-                with self._entropy_capture_window() as captured:
-                    loss = super()._compute_loss(model, inputs)
+                loss, logps, entropy = self._trl_loss_with_entropies(model, inputs, mask)
         finally:
             self.beta = saved_beta
         if not self.args.fused_loss:
-            if not self.args.uses_own_policy_loss():
-                logps, entropy = captured[0]
-                captured.clear()
-                self._entropy_check_finite(loss, entropy, mask)
             loss = self._entropy_applied(loss, entropy, mask, mode)
 
         prompt_completion = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)

@@ -68,5 +68,5 @@ class EntropyRLOOTrainer(EntropyRegularizationMixin, CapturedEntropiesMixin, RLO
         mask = self._entropy_mask(inputs)
         if mode == "train":
             self._generation_window_counts(inputs, mask)
-        loss, entropy = self._trl_loss_with_entropies(model, inputs, mask)
+        loss, _, entropy = self._trl_loss_with_entropies(model, inputs, mask)
         return self._entropy_applied(loss, entropy, mask, mode)

@@ -16,7 +16,8 @@ import torch
 from trl import SFTConfig, SFTTrainer
 from trl.trainer import sft_trainer as trl_sft_module
 
-from .config import EntropyRegularizationArguments, FusedLossArguments, RunArguments
+from .config import (FUSED_LOSS_ADVICE, EntropyRegularizationArguments, FusedLossArguments, RunArguments,
+                     raise_first_unsupported)
 from .mixin import EntropyRegularizationMixin
 
 #: The optional per-example dataset column (0/1): whether the example's trained tokens get the entropy term.
@@ -33,16 +34,13 @@ class EntropySFTConfig(FusedLossArguments, EntropyRegularizationArguments, RunAr
             raise ValueError("entropy_level: 'reward' has no meaning in SFT (no reward); use 'token' or 'sequence'")
         super().__post_init__()
         self.validate_entropy_arguments()
+        self.check_fused_loss_chunk_mib()
         if self.fused_loss:
             unsupported = {"loss_type": (self.loss_type != "nll", "'nll'"),
                            "label_smoothing_factor": (self.label_smoothing_factor != 0, "0"),
-                           "entropy_clamp_top_p": (self.entropy_clamp_top_p is not None, "None"),
-                           "entropy_clamp_top_k": (self.entropy_clamp_top_k is not None, "None"),
+                           **self.fused_loss_unsupported_clamp(),
                            "entropy_bonus_top_quantile": (self.entropy_bonus_top_quantile != 1.0, "1.0")}
-            for name, (bad, wanted) in unsupported.items():
-                if bad:
-                    raise ValueError(f"{name}: fused_loss=True supports only {wanted}, got {getattr(self, name)!r} "
-                                     "(set fused_loss=False for the general path)")
+            raise_first_unsupported(self, unsupported, "fused_loss=True", FUSED_LOSS_ADVICE)
 
 
 class EntropySFTTrainer(EntropyRegularizationMixin, SFTTrainer):

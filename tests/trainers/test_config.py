@@ -62,3 +62,13 @@ def test_fused_loss_chunk_size_is_checked():
     with pytest.raises(ValueError, match="^fused_loss_chunk_mib:"):
         _Fused(fused_loss_chunk_mib=0).check_fused_loss_supported()
     _Fused(fused_loss_chunk_mib=64).check_fused_loss_supported()  # fused_loss off: nothing else is read
+
+
+@pytest.mark.parametrize("config_name", ["EntropyDPOConfig", "EntropySFTConfig", "EntropyGRPOConfig",
+                                         "EntropyPPOConfig"])
+def test_every_config_with_the_fused_loss_checks_its_chunk_size(config_name, tmp_path):
+    import llm_entreg.trainers as trainers
+
+    config_cls = getattr(trainers, config_name)
+    with pytest.raises(ValueError, match="^fused_loss_chunk_mib: expected a positive"):
+        config_cls(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], fused_loss_chunk_mib=0)
