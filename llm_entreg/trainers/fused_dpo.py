@@ -46,8 +46,7 @@ class FusedDPOLossMixin:
         self._entropy_check_finite(out.loss, entropy, completion)
         self._log_dpo_metrics(inputs, out, ref_chosen, ref_rejected)
         rows_on = self._entropy_rows(rows)
-        self._entropy_metrics(entropy[rows_on], mask, mode, (ew * entropy[rows_on]).sum()
-                              / self._entropy_aggregation(mask, mode)[2], parts)
+        self._entropy_weighted_metrics(entropy[rows_on], mask, mode, ew, parts)
         return out.loss, entropy
 
     def _reference_sums(self, inputs, model_kwargs, labels, width: int):
@@ -57,15 +56,14 @@ class FusedDPOLossMixin:
         from trl.models.utils import disable_gradient_checkpointing
         from trl.trainer.utils import use_adapter
 
-        kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None:  # PEFT: the policy with its adapter off (or the "ref" adapter)
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 name = "ref" if "ref" in getattr(unwrapped, "peft_config", {}) else None
                 with use_adapter(unwrapped, adapter_name=name):
-                    out = self.model(**kwargs, labels=labels, fused_lm_head=True)
+                    out = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
             else:
-                out = self.ref_model(**kwargs, labels=labels, fused_lm_head=True)
+                out = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
         return out.log_probs[:, -width:].sum(1).chunk(2)
 
     def _log_dpo_metrics(self, inputs, out, ref_chosen, ref_rejected) -> None:

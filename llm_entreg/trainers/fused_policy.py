@@ -59,8 +59,7 @@ class FusedPolicyLossMixin:
         self._entropy_check_finite(out.loss, ent_det, mask)
         self._log_policy_metrics(model, inputs, lp_det, ent_det)
         if entropy_on:
-            self._entropy_metrics(ent_det, mask, mode, (ew * ent_det).sum() / self._entropy_aggregation(mask, mode)[2],
-                                  parts)
+            self._entropy_weighted_metrics(ent_det, mask, mode, ew, parts)
         else:
             self._entropy_measure_only(ent_det, mask, mode)
         return out.loss, lp_det, ent_det

@@ -190,6 +190,13 @@ class EntropyRegularizationMixin(CheckpointStateMixin):
         weights = token_weights(mask.bool(), self.entropy_bonus.agg_mode, dtype=torch.float32, **agg_kwargs)
         return -coef * weights * scale, (coef, agg_kwargs, None)
 
+    def _entropy_weighted_metrics(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str, ew: torch.Tensor,
+                                  parts) -> None:
+        """:meth:`_entropy_metrics` of the term formed with :meth:`_entropy_token_weights`' weights ``ew`` on
+        ``entropy`` (the loss-fused paths), the framework scale taken back out."""
+        term = (ew * entropy).sum() / self._entropy_aggregation(mask, mode)[2]
+        self._entropy_metrics(entropy, mask, mode, term, parts)
+
     def _entropy_metrics(self, entropy: torch.Tensor, mask: torch.Tensor, mode: str, term: torch.Tensor, parts):
         """Log the unscaled value of ``beta * agg(H)`` and accumulate the measured entropy for the controllers."""
         coef, agg_kwargs, threshold = parts

@@ -130,8 +130,7 @@ class EntropySFTTrainer(EntropyRegularizationMixin, SFTTrainer):
         self._entropy_check_finite(out.loss, out.entropy, mask)
         with torch.no_grad():
             SFTTrainer.compute_loss(self, lambda **kw: out, dict(inputs), False, num_items_in_batch)
-        self._entropy_metrics(out.entropy, mask, mode,
-                              (ew * out.entropy).sum() / self._entropy_aggregation(mask, mode)[2], parts)
+        self._entropy_weighted_metrics(out.entropy, mask, mode, ew, parts)
         return out.loss
 
 
