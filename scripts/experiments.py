@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from llm_entreg.sweep import build_config, run_sweep  # noqa: E402
 from llm_entreg.sweep.pick import per_prompt_values, series  # noqa: E402
+from llm_entreg.sweep.report import seed_band  # noqa: E402
 from llm_entreg.sweep.stats import bootstrap_interval, paired_difference  # noqa: E402
+from llm_entreg.sweep.store import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = "0,1,2"
@@ -74,9 +76,19 @@ def run_sweeps(names, out: Path, workers: int) -> dict[str, list[dict]]:
                               workers=workers, progress=False)
         result = run_sweep(config)
         print(f"sweep {name}: {result.n_complete}/{len(result.rows)} complete in {time.time() - t0:.0f} s", flush=True)
-        rows[name] = [dict(r, sweep=name, dir=str(out / name / r["output_dir"])) for r in result.rows
-                      if r.get("status") == "complete"]
+        rows[name] = [_with_summary(dict(r, sweep=name, dir=str(out / name / r["output_dir"])))
+                      for r in result.rows if r.get("status") == "complete"]
     return rows
+
+
+def _with_summary(row: dict) -> dict:
+    """The trial's row with its summary.json (read once) and the trained policy's held-out KL to its start and
+    entropy by position."""
+    row["summary"] = json.loads((Path(row["dir"]) / "summary.json").read_text())
+    after = row["summary"].get("held_out_after") or {}
+    row["kl_to_reference"] = after.get("kl_to_reference")
+    row["entropy_by_position"] = after.get("entropy_by_position")
+    return row
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -101,23 +113,19 @@ def summarize(group: list[dict], baseline: list[dict]) -> dict:
         if not values:
             continue
         entry = bootstrap_interval(values).as_dict()
-        diff = paired_difference(values, base) if base and group is not baseline else None
-        entry["vs_baseline"] = None if diff is None else {**diff.as_dict(), "beyond_noise": diff.lo > 0 or diff.hi < 0}
+        entry["vs_baseline"] = vs_baseline(values, base) if base and group is not baseline else None
         out[metric] = entry
     return out
 
 
+def vs_baseline(values: dict[int, list[float]], base: dict[int, list[float]]) -> dict:
+    """The paired difference from the baseline (same seeds and prompts), and whether it is beyond the noise."""
+    diff = paired_difference(values, base)
+    return {**diff.as_dict(), "beyond_noise": diff.lo > 0 or diff.hi < 0}
+
+
 def select(rows: list[dict], coef: float, schedule: str = "constant") -> list[dict]:
     return [r for r in rows if float(r["entropy_coef"]) == coef and r["schedule"] == schedule]
-
-
-def with_kl(rows: list[dict]) -> list[dict]:
-    """Rows with the held-out KL of the trained policy to its start (from each trial's summary.json)."""
-    for row in rows:
-        summary = json.loads((Path(row["dir"]) / "summary.json").read_text())
-        row["kl_to_reference"] = (summary.get("held_out_after") or {}).get("kl_to_reference")
-        row["entropy_by_position"] = (summary.get("held_out_after") or {}).get("entropy_by_position")
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------- plots
@@ -133,12 +141,11 @@ def curve_band(rows: list[dict], key: str):
     """Steps, mean, min and max over seeds of a logged ``held_out/*`` (or training) key."""
     runs = []
     for row in rows:
-        history = [json.loads(x) for x in (Path(row["dir"]) / "metrics.jsonl").read_text().splitlines()]
-        steps, values = series(history, key)
+        if "history" not in row:
+            row["history"] = read_metrics(Path(row["dir"]) / "metrics.jsonl")
+        steps, values = series(row["history"], key)
         runs.append(dict(zip(steps, values)))
-    steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
-    cols = [[r[s] for r in runs] for s in steps]
-    return steps, [sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols]
+    return seed_band(runs)
 
 
 def plot_curves(groups: dict[str, list[dict]], path: Path, title: str) -> str:
@@ -190,13 +197,11 @@ def experiment_ab(grid: list[dict], img: Path) -> dict:
         table[name]["never_committed_held_out"] = sum(bool(r.get("never_committed_held_out")) for r in rows)
         table[name]["collapsed"] = sum(bool(r.get("collapsed")) for r in rows)
         table[name]["never_committed"] = sum(bool(r.get("never_committed")) for r in rows)
-    befores = {int(r["seed"]): json.loads((Path(r["dir"]) / "summary.json").read_text())["held_out_before"]
-               for r in base}
-    start = {"pass@1": {s: [b["pass_at_k"]["1"]] for s, b in befores.items()},
-             "pass@16": {s: [b["pass_at_k"]["16"]] for s, b in befores.items()},
-             "distinct_correct": {s: [b["distinct_correct"]] for s, b in befores.items()},
-             "entropy": {s: [b["entropy"]] for s, b in befores.items()}}
-    start = {k: bootstrap_interval(v).as_dict() for k, v in start.items()}
+    before = {"pass@1": lambda r: r["summary"]["held_out_before"]["pass_at_k"]["1"],
+              "pass@16": lambda r: r["summary"]["held_out_before"]["pass_at_k"]["16"],
+              "distinct_correct": lambda r: r["summary"]["held_out_before"]["distinct_correct"],
+              "entropy": lambda r: r["summary"]["held_out_before"]["entropy"]}
+    start = {k: bootstrap_interval(_seed_level(base, value)).as_dict() for k, value in before.items()}
     figure = plot_curves(configs, img / "collapse_curves.png", "GRPO on the exploration task, constant β")
     return {"table": table, "warm_start": start, "figure": figure}
 
@@ -229,7 +234,6 @@ def experiment_d(grid: list[dict], sequence: list[dict], reward: list[dict], img
 
 def experiment_f(grid: list[dict], kl: list[dict], img: Path) -> dict:
     """f: KL to the reference alone vs KL + entropy: where the policy is (KL) and its spread (entropy)."""
-    grid, kl = with_kl(grid), with_kl(kl)
     base = select(grid, 0.0)
     configs = {"neither": base, "entropy 0.1": select(grid, 0.1), "KL 0.1": select(kl, 0.0),
                "KL 0.1 + entropy 0.1": select(kl, 0.1)}
@@ -279,8 +283,7 @@ def _interval_row(rows: list[dict], base: list[dict], value) -> dict:
     """Mean, 95% interval over seeds, and the paired difference from ``base`` (same seeds), of a per-trial value."""
     entry = bootstrap_interval(_seed_level(rows, value)).as_dict()
     if [id(r) for r in rows] != [id(r) for r in base]:  # not the baseline itself
-        diff = paired_difference(_seed_level(rows, value), _seed_level(base, value))
-        entry["vs_baseline"] = {**diff.as_dict(), "beyond_noise": diff.lo > 0 or diff.hi < 0}
+        entry["vs_baseline"] = vs_baseline(_seed_level(rows, value), _seed_level(base, value))
     return entry
 
 
@@ -288,7 +291,7 @@ def experiment_h(pseudo: list[dict], img: Path) -> dict:
     """h: pseudo-label self-training: does an entropy term on the pseudo-labelled examples stop the model from
     amplifying its own confident mistakes?"""
     for row in pseudo:
-        row["rounds"] = json.loads((Path(row["dir"]) / "summary.json").read_text())["rounds"]
+        row["rounds"] = row["summary"]["rounds"]
     base = select(pseudo, 0.0)
     last = {"accuracy": lambda r: r["rounds"][-1]["accuracy"],
             "confident_wrong_share": lambda r: r["rounds"][-1]["confident_wrong_share"],
@@ -329,8 +332,9 @@ def experiment_i(sft: list[dict], img: Path) -> dict:
     from llm_entreg.pseudo_label import held_out
     from llm_entreg.tasks import build_default
 
+    defaults = {seed: build_default(seed=seed, task="add") for seed in sorted({int(r["seed"]) for r in sft})}
     for row in sft:
-        default = build_default(seed=int(row["seed"]), task="add")
+        default = defaults[int(row["seed"])]
         model = AutoModelForCausalLM.from_pretrained(Path(row["dir"]) / "final")
         row["calibration"] = held_out(model, default.tokenizer, default.problems("test")[:512], 0.9)
     base = select(sft, 0.0)
@@ -369,7 +373,6 @@ def experiment_e(grid: list[dict], img: Path) -> dict:
 
     from llm_entreg.tasks import build_default, evaluate
 
-    grid = with_kl(grid)
     runs = {"β = 0, T = 1": [], "β = 0, T = T*": [], "β = 0.1, T = 1": []}
     temperatures = {}
     for plain, reg in zip(sorted(select(grid, 0.0), key=lambda r: r["seed"]),

@@ -300,14 +300,15 @@ def _config_bands(rows, curves, keys) -> dict[tuple, tuple[list[int], list[float
         if key:
             steps, values = series(history, key)
             groups[(float(row["entropy_coef"]), row["schedule"])].append(dict(zip(steps, values)))
-    bands = {}
-    for config, runs in groups.items():
-        steps = sorted(set.intersection(*(set(r) for r in runs)))
-        if steps:
-            values = [[r[s] for r in runs] for s in steps]
-            bands[config] = (steps, [sum(v) / len(v) for v in values], [min(v) for v in values],
-                             [max(v) for v in values])
-    return bands
+    bands = {config: seed_band(runs) for config, runs in groups.items()}
+    return {config: band for config, band in bands.items() if band[0]}
+
+
+def seed_band(runs: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """``(steps, mean, min, max)`` over the runs (each step -> value) at the steps every run logged."""
+    steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+    values = [[r[s] for r in runs] for s in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
 def _band_plot(rows, curves, path, keys, ylabel, title, symlog=False) -> Path | None:
