@@ -120,12 +120,17 @@ def best_document(config: SweepConfig, rows: list[dict], best: dict | None, corr
 
 def entropy_points(rows: list[dict], metric: str) -> list[tuple[int, float, float]]:
     """``(seed, final entropy, metric)`` of every complete trial that has both."""
+    return [point[:3] for point in _entropy_points_with_coef(rows, metric)]
+
+
+def _entropy_points_with_coef(rows: list[dict], metric: str) -> list[tuple[int, float, float, float]]:
+    """:func:`entropy_points` with each trial's β."""
     points = []
     for row in rows:
         h, _ = entropy_for_scatter(row)
         values = per_prompt_values(row, metric) if _ok(row) else None
         if h is not None and values:
-            points.append((int(row["seed"]), h, sum(values) / len(values)))
+            points.append((int(row["seed"]), h, sum(values) / len(values), float(row["entropy_coef"])))
     return points
 
 
@@ -360,25 +365,23 @@ def entropy_for_scatter(row: dict) -> tuple[float | None, str]:
 def plot_metric_vs_entropy(rows: list[dict], path, metric: str, correlation: dict | None) -> Path | None:
     """Metric vs final entropy within seeds: each trial's values minus its seed's means, coloured by β, with the
     least-squares line of the centred values; labelled as the correlation it is."""
-    points = entropy_points(rows, metric)
+    points = _entropy_points_with_coef(rows, metric)
     if len(points) < 2:
         return None
     by_seed: dict[int, list] = defaultdict(list)
-    for seed, h, v in points:
+    for seed, h, v, _ in points:
         by_seed[seed].append((h, v))
     means = {s: (sum(h for h, _ in p) / len(p), sum(v for _, v in p) / len(p)) for s, p in by_seed.items()}
-    coef_of = {(int(r["seed"]), entropy_for_scatter(r)[0]): float(r["entropy_coef"]) for r in rows if _ok(r)}
     plt = _plt()
-    colors = _colors(list(coef_of.values()))
+    colors = _colors([c for *_, c in points])
     fig, ax = plt.subplots(figsize=(7, 5))
     seen = set()
-    for seed, h, v in points:
-        c = coef_of.get((seed, h), 0.0)
+    for seed, h, v, c in points:
         ax.scatter([h - means[seed][0]], [v - means[seed][1]], color=colors[c], s=40, edgecolor="k", linewidth=0.5,
                    label=None if c in seen else f"β={format_coef(c)}")
         seen.add(c)
     if correlation is not None:
-        xs = [h - means[s][0] for s, h, _ in points]
+        xs = [h - means[s][0] for s, h, *_ in points]
         line = [min(xs), max(xs)]
         ax.plot(line, [correlation["slope"] * x for x in line], color="red",
                 label=f"within-seed correlation r = {correlation['r']:.2f} (n={correlation['n']})")
